@@ -1,0 +1,1 @@
+"""Catalog database: products, tags, embeddings (pgvector), model registry, runs and errors."""

@@ -1,0 +1,157 @@
+"""Reading a catalog in the Kaggle "Fashion Product Images" layout.
+
+``styles.csv`` (one row per product), ``images/<id>.jpg``, optional ``descriptions.csv`` (raw
+HTML) and ``split.csv``. Bad rows are never dropped silently and never fatal: each becomes a
+:class:`RowError` with its reason, and every good row still loads.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import html
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from fashion_tagging.settings import HEADS
+
+STYLE_COLUMNS = (
+    "id", "gender", "masterCategory", "subCategory", "articleType",
+    "baseColour", "season", "year", "usage", "productDisplayName",
+)
+REQUIRED_COLUMNS = ("id", "productDisplayName")
+_TAG_RE = re.compile(r"<[^>]+>")
+_BREAK_RE = re.compile(r"<\s*(br|/p|/li|/div|/h\d)\s*/?\s*>", re.IGNORECASE)
+_SPACE_RE = re.compile(r"\s+")
+
+
+@dataclasses.dataclass(frozen=True)
+class RowError:
+    """One rejected input row (or product) and why; stored in ``product_errors``."""
+
+    reason: str
+    product_id: int | None = None
+    source: str = ""
+    stage: str = "manifest"
+
+
+@dataclasses.dataclass
+class CatalogLoad:
+    """Good products (indexed by nothing, ``id`` is a column) plus the rows that were rejected."""
+
+    products: pd.DataFrame
+    errors: list[RowError]
+
+
+def clean_html(raw: str | None) -> str:
+    """Shop descriptions are raw HTML: keep the words, drop tags and entities, collapse spaces."""
+    if not raw or not isinstance(raw, str):
+        return ""
+    text = _BREAK_RE.sub(" ", raw)
+    text = _TAG_RE.sub(" ", text)
+    text = html.unescape(text).replace("\xa0", " ")
+    return _SPACE_RE.sub(" ", text).strip()
+
+
+def product_text(title: str | None, description: str | None) -> str:
+    """Model text: the title first (most informative, never truncated away), then the description."""
+    parts = [p.strip() for p in (title or "", description or "") if isinstance(p, str) and p.strip()]
+    return " . ".join(parts)
+
+
+def validate_rows(frame: pd.DataFrame, source: str, *, row_offset: int = 2) -> tuple[pd.DataFrame, list[RowError]]:
+    """Split raw string rows into valid products and :class:`RowError` s.
+
+    A row is rejected when its id is missing or not an integer, when its id repeats an earlier
+    row (the first one wins), or when it has no title. ``row_offset`` turns the frame position
+    into the line number a person sees in the file (header + 1-based).
+    """
+    errors: list[RowError] = []
+    keep: list[bool] = []
+    seen: set[int] = set()
+    ids: list[int | None] = []
+    titles = frame["productDisplayName"] if "productDisplayName" in frame else pd.Series([""] * len(frame))
+    for position, (raw_id, title) in enumerate(zip(frame["id"], titles, strict=True)):
+        where = f"{source}#row{position + row_offset}"
+        raw_id = "" if raw_id is None or (isinstance(raw_id, float) and pd.isna(raw_id)) else str(raw_id).strip()
+        product_id = int(raw_id) if re.fullmatch(r"\d+", raw_id) else None
+        if not raw_id:
+            errors.append(RowError("missing product id", None, where))
+        elif product_id is None:
+            errors.append(RowError(f"product id is not an integer: {raw_id!r}", None, where))
+        elif product_id in seen:
+            errors.append(RowError(f"duplicate product id {product_id} (first occurrence kept)", product_id, where))
+            product_id = None
+        elif not isinstance(title, str) or not title.strip():
+            errors.append(RowError("missing product title", product_id, where))
+            product_id = None
+        if product_id is not None:
+            seen.add(product_id)
+        keep.append(product_id is not None)
+        ids.append(product_id)
+    valid = frame.loc[keep].copy()
+    valid["id"] = [i for i, k in zip(ids, keep, strict=True) if k]
+    return valid.reset_index(drop=True), errors
+
+
+def _read_csv_rows(path: Path) -> tuple[pd.DataFrame, list[RowError]]:
+    """Read a CSV as strings; lines with the wrong number of fields become errors, not crashes."""
+    errors: list[RowError] = []
+    rows: list[list[str]] = []
+    with path.open(newline="", encoding="utf-8", errors="replace") as handle:
+        reader = csv.reader(handle)
+        header = next(reader)
+        for line_number, row in enumerate(reader, start=2):
+            if len(row) != len(header):
+                errors.append(RowError(
+                    f"expected {len(header)} fields, found {len(row)}", None, f"{path.name}#row{line_number}"))
+                continue
+            rows.append(row)
+    return pd.DataFrame(rows, columns=header, dtype=object), errors
+
+
+def load_kaggle_catalog(data_dir: str | Path) -> CatalogLoad:
+    """Load ``styles.csv`` + descriptions + split + image paths from a Kaggle-layout folder."""
+    data_dir = Path(data_dir)
+    styles_path = data_dir / "styles.csv"
+    if not styles_path.is_file():
+        raise FileNotFoundError(f"no styles.csv in {data_dir}: is this a Kaggle-layout catalog folder?")
+    styles, errors = _read_csv_rows(styles_path)
+    missing = [c for c in REQUIRED_COLUMNS if c not in styles.columns]
+    if missing:
+        raise ValueError(f"{styles_path} lacks required columns {missing}")
+    for column in STYLE_COLUMNS:
+        if column not in styles.columns:
+            styles[column] = ""
+    products, row_errors = validate_rows(styles[list(STYLE_COLUMNS)], "styles.csv")
+    errors.extend(row_errors)
+
+    descriptions_path = data_dir / "descriptions.csv"
+    if descriptions_path.is_file():
+        descriptions, _ = _read_csv_rows(descriptions_path)
+        descriptions = descriptions[descriptions["id"].str.fullmatch(r"\d+", na=False)]
+        descriptions = descriptions.drop_duplicates("id").assign(id=lambda d: d["id"].astype("int64"))
+        products = products.merge(descriptions[["id", "brandName", "description"]], on="id", how="left")
+    else:
+        products["brandName"] = ""
+        products["description"] = ""
+    products["description"] = products["description"].map(clean_html)
+    products["brandName"] = products["brandName"].fillna("")
+
+    split_path = data_dir / "split.csv"
+    if split_path.is_file():
+        split = pd.read_csv(split_path, dtype={"id": "int64", "split": str})
+        products = products.merge(split.drop_duplicates("id"), on="id", how="left")
+    else:
+        products["split"] = None
+
+    image_paths = [data_dir / "images" / f"{pid}.jpg" for pid in products["id"]]
+    products["image_path"] = [str(p) if p.is_file() else None for p in image_paths]
+    products["year"] = pd.to_numeric(products["year"], errors="coerce").astype("Int64")
+    for head in HEADS:
+        products[head] = products[head].fillna("").astype(str).str.strip()
+    products["text"] = [product_text(t, d) for t, d in zip(products["productDisplayName"], products["description"], strict=True)]
+    products["id"] = products["id"].astype("int64")
+    return CatalogLoad(products=products.reset_index(drop=True), errors=errors)

@@ -1,0 +1,158 @@
+"""A trained model as one self-contained directory, and :class:`Tagger`, the model at inference.
+
+Directory: ``model.keras`` (head model), ``config.json``, ``vocabulary.json``, ``labels.json``,
+``metrics.json`` + ``report.md`` + ``confusion_articleType.png`` once evaluated, and
+``backbone.weights.h5`` only when the backbone was fine-tuned (otherwise the backbone is
+rebuilt from its pretrained weights by name).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from fashion_tagging.images import to_model_size
+from fashion_tagging.model import load_encoders
+from fashion_tagging.settings import IMAGE_EMBEDDING_DIM, Settings
+
+log = logging.getLogger(__name__)
+FINE_TUNED_BACKBONE_FILE = "backbone.weights.h5"
+
+
+@dataclasses.dataclass
+class TagPredictions:
+    """Per-head labels/confidences/top-k plus the embeddings stored for search."""
+
+    labels: dict[str, list[str]]
+    confidences: dict[str, np.ndarray]
+    top_k: dict[str, list[list[tuple[str, float]]]]
+    image_embeddings: np.ndarray
+    product_embeddings: np.ndarray
+    has_image: np.ndarray
+    has_text: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.has_image)
+
+
+def read_config(artifact_dir: Path) -> dict:
+    path = Path(artifact_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{artifact_dir} is not a model artifact (no config.json)")
+    return json.loads(path.read_text())
+
+
+def find_artifact(settings: Settings, version: str | None = None) -> Path:
+    """The directory of ``version`` under the artifacts dir, or the newest one when no version is given."""
+    root = settings.artifacts_dir
+    if version:
+        path = root / version
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"no model version {version!r} under {root}")
+        return path
+    versions = sorted(p for p in root.glob("*") if (p / "config.json").is_file()) if root.is_dir() else []
+    if not versions:
+        raise FileNotFoundError(f"no trained model under {root}: run `fashion-tagging train` first")
+    return versions[-1]
+
+
+class Tagger:
+    """Loads an artifact once; tags batches of (decoded image or None, text) products."""
+
+    def __init__(self, artifact_dir: Path, head_model: keras.Model, config: dict, text, label_maps):
+        self.artifact_dir = Path(artifact_dir)
+        self.model = head_model
+        self.config = config
+        self.text = text
+        self.label_maps = label_maps
+        self.heads = tuple(h for h in config["heads"] if h in label_maps)
+        self._backbone = None
+
+    @classmethod
+    def load(cls, artifact_dir: str | Path) -> "Tagger":
+        artifact_dir = Path(artifact_dir)
+        config = read_config(artifact_dir)
+        text, label_maps = load_encoders(artifact_dir, config["max_text_tokens"], config["vocabulary_size"])
+        model = keras.saving.load_model(artifact_dir / "model.keras", compile=False)
+        return cls(artifact_dir, model, config, text, label_maps)
+
+    @classmethod
+    def load_version(cls, settings: Settings, version: str | None = None) -> "Tagger":
+        return cls.load(find_artifact(settings, version))
+
+    @property
+    def version(self) -> str:
+        return self.config["version"]
+
+    @property
+    def backbone_name(self) -> str:
+        return self.config["backbone"]
+
+    @property
+    def image_size(self) -> int:
+        return int(self.config["image_size"])
+
+    @property
+    def backbone(self) -> keras.Model:
+        """Built on first use: a text-only batch never pays for it."""
+        if self._backbone is None:
+            from fashion_tagging.backbones import build_backbone
+
+            fine_tuned = self.artifact_dir / FINE_TUNED_BACKBONE_FILE
+            self._backbone = build_backbone(self.backbone_name, self.image_size,
+                                            weights=None if fine_tuned.is_file() else "imagenet")
+            if fine_tuned.is_file():
+                self._backbone.load_weights(fine_tuned)
+        return self._backbone
+
+    def image_embeddings(self, images: Sequence[np.ndarray | None], batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+        """(N, 1280) backbone embeddings and the has-image mask; missing images give zero rows."""
+        vectors = np.zeros((len(images), IMAGE_EMBEDDING_DIM), dtype=np.float32)
+        present = np.array([img is not None for img in images], dtype=bool)
+        rows = np.flatnonzero(present)
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            pixels = np.stack([to_model_size(images[i], self.image_size) for i in chunk]).astype(np.float32)
+            vectors[chunk] = np.asarray(self.backbone(pixels, training=False), dtype=np.float32)
+        return vectors, present
+
+    def predict(self, images: Sequence[np.ndarray | None], texts: Sequence[str], *, batch_size: int = 128,
+                top_k: int = 3) -> TagPredictions:
+        if len(images) != len(texts):
+            raise ValueError(f"{len(images)} images but {len(texts)} texts: one of each per product")
+        embeddings, has_image = self.image_embeddings(images, batch_size=min(batch_size, 64))
+        return self.predict_embeddings(embeddings, has_image, texts, batch_size=batch_size, top_k=top_k)
+
+    def predict_embeddings(self, embeddings: np.ndarray, has_image: np.ndarray, texts: Sequence[str], *,
+                           batch_size: int = 256, top_k: int = 3) -> TagPredictions:
+        """Tag from precomputed image embeddings (evaluation and retagging reuse the cache)."""
+        texts = [t if isinstance(t, str) else "" for t in texts]
+        has_text = np.array([bool(t.strip()) for t in texts], dtype=bool)
+        embeddings = embeddings * has_image[:, None]
+        inputs = {
+            "image_embedding": embeddings.astype(np.float32),
+            "has_image": has_image.astype(np.float32).reshape(-1, 1),
+            "tokens": self.text.encode(texts),
+            "has_text": has_text.astype(np.float32).reshape(-1, 1),
+        }
+        outputs = self.model.predict(inputs, batch_size=batch_size, verbose=0) if len(texts) else None
+        labels, confidences, tops = {}, {}, {}
+        for head in self.heads:
+            names = self.label_maps[head].labels
+            probs = np.asarray(outputs[head]) if outputs is not None else np.zeros((0, len(names)))
+            best = probs.argmax(axis=1) if len(probs) else np.zeros(0, dtype=int)
+            labels[head] = [names[i] for i in best]
+            confidences[head] = probs[np.arange(len(probs)), best].astype(np.float32) if len(probs) else np.zeros(0)
+            order = np.argsort(-probs, axis=1)[:, :top_k] if len(probs) else np.zeros((0, top_k), dtype=int)
+            tops[head] = [[(names[j], round(float(row[j]), 4)) for j in idx] for row, idx in zip(probs, order, strict=True)]
+        product = np.asarray(outputs["product_embedding"], dtype=np.float32) if outputs is not None \
+            else np.zeros((0, self.model.get_layer("product_embedding").units), dtype=np.float32)
+        norms = np.linalg.norm(product, axis=1, keepdims=True)
+        product = product / np.maximum(norms, 1e-12)
+        return TagPredictions(labels, confidences, tops, embeddings.astype(np.float32), product, has_image, has_text)

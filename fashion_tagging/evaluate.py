@@ -1,0 +1,170 @@
+"""Evaluation on a fixed split: accuracy + macro-F1 per modality, every head, vs the 0.91 baseline.
+
+Writes ``metrics.json``, ``report.md`` and ``confusion_articleType.png`` into the artifact
+directory (the registry and the UI read them from there). Every product of the split counts,
+with or without an image, so figures stay comparable with published ones.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from fashion_tagging.artifacts import Tagger
+from fashion_tagging.catalog import load_kaggle_catalog
+from fashion_tagging.features import catalog_image_embeddings
+from fashion_tagging.settings import PRIMARY_HEAD, Settings
+
+MODES = ("fused", "image_only", "text_only")
+WEAK_SPOTS = 10
+CONFUSION_TOP_CLASSES = 30
+
+
+def classification_scores(true: list[str], predicted: list[str]) -> dict:
+    """Accuracy, macro-F1 over the classes present in ``true``, and per-class precision/recall/F1."""
+    true_arr, pred_arr = np.asarray(true, dtype=object), np.asarray(predicted, dtype=object)
+    per_class = {}
+    for label in sorted(set(true)):
+        tp = int(np.sum((pred_arr == label) & (true_arr == label)))
+        predicted_n = int(np.sum(pred_arr == label))
+        support = int(np.sum(true_arr == label))
+        precision = tp / predicted_n if predicted_n else 0.0
+        recall = tp / support if support else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[label] = {"precision": round(precision, 4), "recall": round(recall, 4), "f1": round(f1, 4),
+                            "support": support}
+    accuracy = float(np.mean(true_arr == pred_arr)) if len(true_arr) else 0.0
+    macro_f1 = float(np.mean([c["f1"] for c in per_class.values()])) if per_class else 0.0
+    return {"accuracy": round(accuracy, 4), "macro_f1": round(macro_f1, 4), "n": len(true_arr), "per_class": per_class}
+
+
+def _mode_inputs(mode: str, embeddings, has_image, texts):
+    if mode == "image_only":
+        return embeddings, has_image, [""] * len(texts)
+    if mode == "text_only":
+        return np.zeros_like(embeddings), np.zeros_like(has_image), texts
+    return embeddings, has_image, texts
+
+
+def confusion_png(true: list[str], predicted: list[str], path: Path, title: str) -> None:
+    """Row-normalised confusion matrix of the most frequent classes (143 classes would be unreadable)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    classes = pd.Series(true).value_counts().index[:CONFUSION_TOP_CLASSES].tolist()
+    index = {c: i for i, c in enumerate(classes)}
+    matrix = np.zeros((len(classes), len(classes)))
+    for t, p in zip(true, predicted, strict=True):
+        if t in index and p in index:
+            matrix[index[t], index[p]] += 1
+    matrix = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(11, 10), dpi=90)
+    image = ax.imshow(matrix, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(classes)), classes, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, fraction=0.04)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def markdown_report(report: dict) -> str:
+    fused = report["modes"]["fused"]
+    lines = [
+        f"# Evaluation of {report['version']} on the `{report['split']}` split ({report['products']} products)",
+        "",
+        f"Backbone `{report['backbone']}` at {report['image_size']}px; baseline {report['baseline']:.2f}.",
+        "",
+        "| articleType | top-1 accuracy | macro-F1 | vs baseline |",
+        "| --- | --- | --- | --- |",
+    ]
+    for mode in MODES:
+        scores = report["modes"][mode][PRIMARY_HEAD]
+        lines.append(f"| {mode} | {scores['accuracy']:.4f} | {scores['macro_f1']:.4f} | "
+                     f"{scores['accuracy'] - report['baseline']:+.4f} |")
+    lines += ["", "| head (fused) | accuracy | macro-F1 |", "| --- | --- | --- |"]
+    for head, scores in fused.items():
+        lines.append(f"| {head} | {scores['accuracy']:.4f} | {scores['macro_f1']:.4f} |")
+    lines += ["", f"Weakest articleType classes (fused, by F1, support >= 5):", "",
+              "| class | F1 | recall | support |", "| --- | --- | --- | --- |"]
+    for spot in report["weak_spots"]:
+        lines.append(f"| {spot['label']} | {spot['f1']:.3f} | {spot['recall']:.3f} | {spot['support']} |")
+    res = report["resources"]
+    lines += ["", f"Evaluate wall time {res['evaluate_seconds']:.1f} s; peak RSS {res['peak_rss_mib']:.0f} MiB."]
+    return "\n".join(lines) + "\n"
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process (and finished children), in MiB."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return max(own, children) / 1024
+
+
+def evaluate(artifact_dir: str | Path, settings: Settings, *, split: str = "test",
+             products: pd.DataFrame | None = None, progress: bool = True) -> dict:
+    """Score a model on one split in the three modality settings; write the report files."""
+    started = time.perf_counter()
+    artifact_dir = Path(artifact_dir)
+    tagger = Tagger.load(artifact_dir)
+    if products is None:
+        products = load_kaggle_catalog(settings.data_dir).products
+    rows = products[products["split"] == split].reset_index(drop=True)
+    if rows.empty:
+        raise ValueError(f"no products in split {split!r}")
+    embeddings = catalog_image_embeddings(
+        rows["id"], rows["image_path"].tolist(), backbone_name=tagger.backbone_name, image_size=tagger.image_size,
+        cache_dir=settings.cache_dir, batch_size=settings.inference_batch_size, progress=progress,
+        backbone=tagger.backbone if (artifact_dir / "backbone.weights.h5").is_file() else None,
+    )
+    texts = rows["text"].fillna("").tolist()
+    modes, predictions = {}, {}
+    for mode in MODES:
+        vectors, has_image, mode_texts = _mode_inputs(mode, embeddings.vectors, embeddings.has_image, texts)
+        preds = tagger.predict_embeddings(vectors, has_image, mode_texts)
+        predictions[mode] = preds
+        heads = tagger.heads if mode == "fused" else (PRIMARY_HEAD,)
+        modes[mode] = {}
+        for head in heads:
+            labelled = rows[head].fillna("").ne("").to_numpy()
+            true = rows.loc[labelled, head].tolist()
+            predicted = [p for p, keep in zip(preds.labels[head], labelled, strict=True) if keep]
+            modes[mode][head] = classification_scores(true, predicted)
+
+    fused_primary = modes["fused"][PRIMARY_HEAD]
+    weak = sorted(({"label": k, **v} for k, v in fused_primary["per_class"].items() if v["support"] >= 5),
+                  key=lambda c: (c["f1"], -c["support"]))[:WEAK_SPOTS]
+    no_image = ~embeddings.has_image
+    fused_labels = np.asarray(predictions["fused"].labels[PRIMARY_HEAD], dtype=object)
+    truth = rows[PRIMARY_HEAD].to_numpy(dtype=object)
+    report = {
+        "version": tagger.version, "split": split, "products": len(rows), "backbone": tagger.backbone_name,
+        "image_size": tagger.image_size, "baseline": settings.baseline_accuracy,
+        "article_type_accuracy": fused_primary["accuracy"],
+        "beats_baseline": fused_primary["accuracy"] >= settings.baseline_accuracy,
+        "products_without_image": int(no_image.sum()),
+        "accuracy_without_image": round(float(np.mean(fused_labels[no_image] == truth[no_image])), 4)
+        if no_image.any() else None,
+        "modes": modes,
+        "weak_spots": weak,
+        "resources": {"evaluate_seconds": round(time.perf_counter() - started, 1), "peak_rss_mib": round(peak_rss_mib(), 1)},
+        "train_config": {k: tagger.config.get(k) for k in ("epochs_run", "timings", "best_val_article_type_accuracy")},
+    }
+    confusion_png(truth.tolist(), fused_labels.tolist(), artifact_dir / f"confusion_{PRIMARY_HEAD}.png",
+                  f"{tagger.version}: {PRIMARY_HEAD} on {split} (fused, top {CONFUSION_TOP_CLASSES} classes)")
+    metrics_path = artifact_dir / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    metrics[split] = report
+    metrics_path.write_text(json.dumps(metrics, indent=1))
+    (artifact_dir / "report.md").write_text(markdown_report(report))
+    return report

@@ -1,0 +1,148 @@
+"""The fused image + text classifier (the "head model") and its text/label encoders.
+
+The head model takes a 1280-d backbone image embedding, a has-image flag and padded text
+tokens; the image branch (EfficientNet) stays outside so its embeddings can be computed once
+and reused for every retrain. Early fusion by concatenation, then dense layers whose 256-d
+output doubles as the product embedding for similar-product search, then one softmax per head.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from fashion_tagging.settings import HEADS, IMAGE_EMBEDDING_DIM, PRIMARY_HEAD, PRODUCT_EMBEDDING_DIM
+
+OTHER_LABEL = "Other"
+TEXT_EMBEDDING_DIM = 128
+LSTM_UNITS = 128
+IMAGE_PROJECTION_UNITS = 256
+FUSION_UNITS = 512
+DROPOUT = 0.3
+HEAD_LOSS_WEIGHTS = {PRIMARY_HEAD: 1.0, "subCategory": 0.4, "masterCategory": 0.2, "gender": 0.4,
+                     "baseColour": 0.4, "season": 0.3, "usage": 0.3}
+EMPTY_TEXT_TOKEN = 1  # the OOV index: an empty text still has one token, so no sequence is fully masked
+
+
+class LabelMap:
+    """Label <-> index for one head, fitted on train only.
+
+    Labels with fewer than ``min_count`` training products are folded into ``Other``: the model
+    cannot learn them, and it must never emit a label that is not in this map.
+    """
+
+    def __init__(self, labels: list[str]):
+        self.labels = list(labels)
+        self.index = {label: i for i, label in enumerate(self.labels)}
+
+    @classmethod
+    def fit(cls, values, min_count: int) -> "LabelMap":
+        values = [v for v in values if v]
+        counts: dict[str, int] = {}
+        for value in values:
+            counts[value] = counts.get(value, 0) + 1
+        kept = sorted(label for label, n in counts.items() if n >= min_count)
+        if any(n < min_count for n in counts.values()):
+            kept.append(OTHER_LABEL)
+        return cls(kept)
+
+    def encode(self, values) -> np.ndarray:
+        """Index per value; -1 for a missing value (that head's loss ignores the product)."""
+        other = self.index.get(OTHER_LABEL, -1)
+        return np.array([self.index.get(v, other) if v else -1 for v in values], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+class TextEncoder:
+    """Lower-cased word tokens -> fixed-length int ids; the vocabulary is fitted on train only."""
+
+    def __init__(self, vocabulary: list[str] | None, sequence_length: int, max_tokens: int):
+        self.sequence_length = sequence_length
+        self.max_tokens = max_tokens
+        self.layer = keras.layers.TextVectorization(
+            max_tokens=max_tokens, output_sequence_length=sequence_length, output_mode="int",
+            vocabulary=vocabulary or None,
+        )
+
+    @classmethod
+    def fit(cls, texts, sequence_length: int, max_tokens: int) -> "TextEncoder":
+        encoder = cls(None, sequence_length, max_tokens)
+        encoder.layer.adapt(tf.data.Dataset.from_tensor_slices(list(texts)).batch(2048))
+        return encoder
+
+    @property
+    def vocabulary(self) -> list[str]:
+        return [str(t) for t in self.layer.get_vocabulary()]
+
+    def encode(self, texts) -> np.ndarray:
+        texts = [t if isinstance(t, str) else "" for t in texts]
+        if not texts:
+            return np.zeros((0, self.sequence_length), dtype=np.int64)
+        tokens = self.layer(tf.constant(texts)).numpy().astype(np.int64)
+        tokens[tokens[:, 0] == 0, 0] = EMPTY_TEXT_TOKEN
+        return tokens
+
+
+def build_head_model(label_sizes: dict[str, int], *, vocabulary_size: int, sequence_length: int) -> keras.Model:
+    """Image embedding + text tokens -> per-head softmax, plus the product embedding output."""
+    image_embedding = keras.Input((IMAGE_EMBEDDING_DIM,), name="image_embedding")
+    has_image = keras.Input((1,), name="has_image")
+    tokens = keras.Input((sequence_length,), dtype="int64", name="tokens")
+    has_text = keras.Input((1,), name="has_text")
+
+    image = keras.layers.Dropout(DROPOUT, name="image_dropout")(image_embedding)
+    image = keras.layers.Dense(IMAGE_PROJECTION_UNITS, activation="relu", name="image_projection")(image)
+    image = keras.layers.Multiply(name="image_gate")([image, has_image])
+
+    words = keras.layers.Embedding(vocabulary_size, TEXT_EMBEDDING_DIM, mask_zero=True, name="text_embedding")(tokens)
+    sequence = keras.layers.LSTM(LSTM_UNITS, name="text_lstm")(words)
+    bag = keras.layers.GlobalAveragePooling1D(name="text_bag")(words)
+    text = keras.layers.Concatenate(name="text_features")([sequence, bag])
+    text = keras.layers.Multiply(name="text_gate")([text, has_text])
+
+    fused = keras.layers.Concatenate(name="fusion")([image, text, has_image, has_text])
+    fused = keras.layers.Dense(FUSION_UNITS, activation="relu", name="fusion_dense")(fused)
+    fused = keras.layers.Dropout(DROPOUT, name="fusion_dropout")(fused)
+    product = keras.layers.Dense(PRODUCT_EMBEDDING_DIM, activation="relu", name="product_embedding")(fused)
+    product_dropped = keras.layers.Dropout(DROPOUT / 2, name="product_dropout")(product)
+    outputs = {
+        head: keras.layers.Dense(size, activation="softmax", name=head, dtype="float32")(product_dropped)
+        for head, size in label_sizes.items()
+    }
+    outputs["product_embedding"] = product
+    return keras.Model(
+        {"image_embedding": image_embedding, "has_image": has_image, "tokens": tokens, "has_text": has_text},
+        outputs, name="fused_tagger",
+    )
+
+
+def compile_head_model(model: keras.Model, heads, learning_rate: float) -> None:
+    """Adam + (sparse) categorical cross-entropy per head; the embedding output carries no loss."""
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss={head: keras.losses.SparseCategoricalCrossentropy() for head in heads},
+        loss_weights={head: HEAD_LOSS_WEIGHTS.get(head, 0.3) for head in heads},
+        metrics={head: [keras.metrics.SparseCategoricalAccuracy(name="acc")] for head in heads},
+    )
+
+
+def save_encoders(directory: Path, text: TextEncoder, labels: dict[str, LabelMap]) -> None:
+    (directory / "vocabulary.json").write_text(json.dumps(text.vocabulary))
+    (directory / "labels.json").write_text(json.dumps({head: m.labels for head, m in labels.items()}, indent=1))
+
+
+def load_encoders(directory: Path, sequence_length: int, max_tokens: int) -> tuple[TextEncoder, dict[str, LabelMap]]:
+    vocabulary = json.loads((directory / "vocabulary.json").read_text())
+    # TextVectorization adds "" and "[UNK]" itself when given a vocabulary.
+    vocabulary = [t for t in vocabulary if t not in ("", "[UNK]")]
+    labels = json.loads((directory / "labels.json").read_text())
+    return TextEncoder(vocabulary, sequence_length, max_tokens), {h: LabelMap(v) for h, v in labels.items()}
+
+
+__all__ = ["HEADS", "LabelMap", "TextEncoder", "build_head_model", "compile_head_model"]

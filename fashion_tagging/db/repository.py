@@ -8,6 +8,7 @@ rolls back entirely; its retry writes each row exactly once.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -41,6 +42,19 @@ MODEL_STATUSES = ("registered", "production", "rejected", "retired")
 PROMOTION_LOCK_KEY = 0x46545F70726F  # pg advisory lock id: "FT_pro"
 # HNSW + a model_version filter: keep scanning the graph until k rows match (pgvector >= 0.8).
 SIMILAR_SEARCH_SETTINGS = ("SET LOCAL hnsw.iterative_scan = relaxed_order", "SET LOCAL hnsw.ef_search = 100")
+
+
+def accepts_engine(function):
+    """Let a repository function take an Engine too: it then runs in its own transaction."""
+
+    @functools.wraps(function)
+    def wrapper(bind, *args, **kwargs):
+        if isinstance(bind, sa.Engine):
+            with bind.begin() as conn:
+                return function(conn, *args, **kwargs)
+        return function(bind, *args, **kwargs)
+
+    return wrapper
 
 
 class NotFound(LookupError):
@@ -118,6 +132,7 @@ def _upsert_via_temp(conn: sa.Connection, table: sa.Table, columns: Sequence[str
 # --- products ---------------------------------------------------------------------------------
 
 
+@accepts_engine
 def upsert_products(conn: sa.Connection, frame: pd.DataFrame) -> int:
     """Insert or update catalog rows (styles.csv or products column names); returns rows written.
 
@@ -137,6 +152,7 @@ def upsert_products(conn: sa.Connection, frame: pd.DataFrame) -> int:
                             touch="updated_at", only_if_changed=True)
 
 
+@accepts_engine
 def fetch_products(conn: sa.Connection, product_ids: Sequence[int]) -> list[sa.Row]:
     """Product rows for ``product_ids`` (ids that do not exist are simply absent)."""
     if not product_ids:
@@ -145,6 +161,7 @@ def fetch_products(conn: sa.Connection, product_ids: Sequence[int]) -> list[sa.R
     return list(conn.execute(query.order_by(schema.products.c.product_id)))
 
 
+@accepts_engine
 def products_needing_tags(conn: sa.Connection, model_version: str, *, ingested_after: datetime | None = None,
                           limit: int | None = None) -> list[int]:
     """Ids of products with no tags from ``model_version`` yet, or changed since they were tagged."""
@@ -187,6 +204,7 @@ def _tag_and_embedding_rows(model_version: str, run_id: str, product_ids: Sequen
     return tag_rows, embedding_rows
 
 
+@accepts_engine
 def write_tags_and_embeddings(conn: sa.Connection, model_version: str, run_id: str,
                               product_ids: Sequence[int], predictions) -> int:
     """Upsert one batch of predictions (COPY path); re-writing the same batch changes nothing else."""
@@ -200,6 +218,7 @@ def write_tags_and_embeddings(conn: sa.Connection, model_version: str, run_id: s
     return len(tag_rows)
 
 
+@accepts_engine
 def write_tags_and_embeddings_plain(conn: sa.Connection, model_version: str, run_id: str,
                                     product_ids: Sequence[int], predictions) -> int:
     """The same upsert through SQLAlchemy executemany; only the benchmark uses it, for comparison."""
@@ -218,6 +237,7 @@ def write_tags_and_embeddings_plain(conn: sa.Connection, model_version: str, run
 # --- errors and runs --------------------------------------------------------------------------
 
 
+@accepts_engine
 def record_errors(conn: sa.Connection, run_id: str, errors: Iterable) -> int:
     """Store :class:`~fashion_tagging.catalog.RowError` s; the same error of the same run is kept once."""
     rows = [{"run_id": run_id, "product_id": getattr(e, "product_id", None), "stage": e.stage,
@@ -232,6 +252,7 @@ def record_errors(conn: sa.Connection, run_id: str, errors: Iterable) -> int:
     return len(rows)
 
 
+@accepts_engine
 def start_run(conn: sa.Connection, run_id: str, *, model_version: str | None = None,
               details: Mapping | None = None) -> None:
     """Open (or re-open, for a retried run) a tagging run."""
@@ -242,6 +263,7 @@ def start_run(conn: sa.Connection, run_id: str, *, model_version: str | None = N
         set_={"status": "running", "finished_at": None, "model_version": statement.excluded.model_version}))
 
 
+@accepts_engine
 def finish_run(conn: sa.Connection, run_id: str, *, status: str = "success", products_seen: int = 0,
                products_tagged: int = 0, errors: int = 0, batches: int = 0, seconds: float | None = None,
                details: Mapping | None = None) -> None:
@@ -260,6 +282,7 @@ def finish_run(conn: sa.Connection, run_id: str, *, status: str = "success", pro
 # --- model registry ---------------------------------------------------------------------------
 
 
+@accepts_engine
 def register_model(conn: sa.Connection, version: str, backbone: str, image_size: int, fine_tuned: bool,
                    artifact_uri: str, metrics: Mapping | None = None,
                    article_type_accuracy: float | None = None) -> None:
@@ -272,12 +295,14 @@ def register_model(conn: sa.Connection, version: str, backbone: str, image_size:
         index_elements=["version"], set_={k: statement.excluded[k] for k in values if k != "version"}))
 
 
+@accepts_engine
 def production_model(conn: sa.Connection) -> sa.RowMapping | None:
     """The one model with status ``production``, or None before the first promotion."""
     mv = schema.model_versions
     return conn.execute(sa.select(mv).where(mv.c.status == "production")).mappings().first()
 
 
+@accepts_engine
 def get_model(conn: sa.Connection, version: str) -> sa.RowMapping:
     mv = schema.model_versions
     row = conn.execute(sa.select(mv).where(mv.c.version == version)).mappings().first()
@@ -286,6 +311,7 @@ def get_model(conn: sa.Connection, version: str) -> sa.RowMapping:
     return row
 
 
+@accepts_engine
 def promote_model(conn: sa.Connection, version: str) -> None:
     """Make ``version`` the production model, retiring the previous one in the same transaction."""
     mv = schema.model_versions
@@ -297,6 +323,7 @@ def promote_model(conn: sa.Connection, version: str) -> None:
                  .values(status="production", promoted_at=sa.func.now(), gate_reason=None))
 
 
+@accepts_engine
 def reject_model(conn: sa.Connection, version: str, reason: str) -> None:
     """Mark a candidate as rejected by the quality gate, with the reason shown in the UI."""
     mv = schema.model_versions
@@ -305,6 +332,7 @@ def reject_model(conn: sa.Connection, version: str, reason: str) -> None:
     conn.execute(mv.update().where(mv.c.version == version).values(status="rejected", gate_reason=reason))
 
 
+@accepts_engine
 def list_models(conn: sa.Connection) -> list[sa.RowMapping]:
     """The registry, newest first."""
     mv = schema.model_versions
@@ -314,6 +342,7 @@ def list_models(conn: sa.Connection) -> list[sa.RowMapping]:
 # --- similarity search ------------------------------------------------------------------------
 
 
+@accepts_engine
 def similar_products(conn: sa.Connection, product_id: int, k: int = 10,
                      model_version: str | None = None) -> list[tuple[int, str | None, str | None, float]]:
     """The ``k`` nearest products by cosine distance of fused embeddings (HNSW index).
@@ -326,13 +355,20 @@ def similar_products(conn: sa.Connection, product_id: int, k: int = 10,
         if production is None:
             raise NotFound("no production model: pass model_version or promote a model first")
         model_version = production["version"]
-    e, p, t = schema.embeddings, schema.products, schema.tags
-    query_vector = (sa.select(e.c.product_embedding)
-                    .where(e.c.product_id == product_id, e.c.model_version == model_version).scalar_subquery())
+    query_vector = _embedding_of(product_id, model_version)
     if conn.execute(sa.select(sa.literal(1)).where(query_vector.is_not(None))).first() is None:
         raise NotFound(f"product {product_id} has no embedding from model {model_version!r}")
-    distance = e.c.product_embedding.cosine_distance(query_vector)
-    query = (
+    for setting in SIMILAR_SEARCH_SETTINGS:  # SET LOCAL: ends with the caller's transaction
+        conn.exec_driver_sql(setting)
+    rows = conn.execute(similar_products_query(product_id, k, model_version))
+    return [(int(pid), title, article_type, float(dist)) for pid, title, article_type, dist in rows]
+
+
+def similar_products_query(product_id: int, k: int, model_version: str) -> sa.Select:
+    """ORDER BY embedding <=> (subquery) LIMIT k: the shape the HNSW index serves."""
+    e, p, t = schema.embeddings, schema.products, schema.tags
+    distance = e.c.product_embedding.cosine_distance(_embedding_of(product_id, model_version))
+    return (
         sa.select(e.c.product_id, p.c.title, sa.func.coalesce(t.c.article_type, p.c.article_type), distance)
         .select_from(e.join(p, p.c.product_id == e.c.product_id)
                      .outerjoin(t, sa.and_(t.c.product_id == e.c.product_id, t.c.model_version == model_version)))
@@ -340,9 +376,12 @@ def similar_products(conn: sa.Connection, product_id: int, k: int = 10,
         .order_by(distance)
         .limit(k)
     )
-    for setting in SIMILAR_SEARCH_SETTINGS:  # SET LOCAL: ends with the caller's transaction
-        conn.exec_driver_sql(setting)
-    return [(int(pid), title, article_type, float(dist)) for pid, title, article_type, dist in conn.execute(query)]
+
+
+def _embedding_of(product_id: int, model_version: str) -> sa.ScalarSelect:
+    e = schema.embeddings
+    return (sa.select(e.c.product_embedding)
+            .where(e.c.product_id == product_id, e.c.model_version == model_version).scalar_subquery())
 
 
 # --- helpers ----------------------------------------------------------------------------------

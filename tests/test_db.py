@@ -1,0 +1,220 @@
+"""Catalog database on a real embedded PostgreSQL + pgvector: migrations, idempotent writes,
+the model registry and similar-product search."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pandas as pd
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+
+from fashion_tagging.catalog import RowError
+from fashion_tagging.db import repository, schema
+from fashion_tagging.db.engine import engine_for_url, get_engine, migrate, running_port, stop_embedded_postgres
+from fashion_tagging.ingest import encode_manifest, load_catalog_into_db
+from fashion_tagging.objectstore import open_store
+from fashion_tagging.settings import get_settings
+from tests.fixtures_services import drop_database, new_database, synthetic_predictions
+
+VERSION = "v-test"
+
+
+def products_frame(ids, title="Product"):
+    return pd.DataFrame({"id": list(ids), "productDisplayName": [f"{title} {i}" for i in ids],
+                         "articleType": ["Tshirts"] * len(ids), "year": [2012] * len(ids)})
+
+
+def count(conn, table) -> int:
+    return conn.execute(sa.select(sa.func.count()).select_from(table)).scalar_one()
+
+
+@pytest.fixture
+def tagged_db(catalog_engine):
+    """Products 1..n plus a registered production model, ready for tag writes."""
+    with catalog_engine.begin() as conn:
+        repository.upsert_products(conn, products_frame(range(1, 41)))
+        repository.register_model(conn, VERSION, "efficientnet-lite0", 224, False, "file:///tmp/x", {}, 0.9)
+        repository.promote_model(conn, VERSION)
+    return catalog_engine
+
+
+def test_migrations_from_empty_database_match_schema(postgres_url):
+    url = new_database(postgres_url, migrated=False)
+    try:
+        engine = engine_for_url(url)
+        threads = [threading.Thread(target=migrate, args=(engine,)) for _ in range(3)]  # concurrent callers
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        migrate(engine)  # and again: a no-op
+        with engine.connect() as conn:
+            drift = compare_metadata(MigrationContext.configure(conn), schema.metadata)
+            indexes = conn.execute(sa.text("SELECT indexdef FROM pg_indexes WHERE tablename = 'embeddings'")).scalars()
+            assert conn.execute(sa.text("SELECT extversion FROM pg_extension WHERE extname = 'vector'")).scalar()
+        assert drift == []
+        assert any("USING hnsw (product_embedding vector_cosine_ops)" in index for index in indexes)
+    finally:
+        drop_database(postgres_url, url)
+
+
+def test_product_upserts_are_idempotent(catalog_engine):
+    with catalog_engine.begin() as conn:
+        assert repository.upsert_products(conn, products_frame([1, 2, 3])) == 3
+    with catalog_engine.begin() as conn:
+        first_update = conn.execute(sa.select(schema.products.c.updated_at)).scalars().all()
+        assert repository.upsert_products(conn, products_frame([1, 2, 3])) == 0  # unchanged rows untouched
+        assert repository.upsert_products(conn, products_frame([3], title="Renamed")) == 1
+        assert count(conn, schema.products) == 3
+        assert conn.execute(sa.select(schema.products.c.updated_at)).scalars().all()[:2] == first_update[:2]
+
+
+def test_same_batch_twice_gives_one_row_per_product(tagged_db):
+    ids = list(range(1, 21))
+    predictions = synthetic_predictions(len(ids), seed=1, has_image=[i % 4 != 0 for i in ids])
+    for _ in range(2):
+        with tagged_db.begin() as conn:
+            repository.write_tags_and_embeddings(conn, VERSION, "run-1", ids, predictions)
+    with tagged_db.connect() as conn:
+        assert count(conn, schema.tags) == count(conn, schema.embeddings) == 20
+        image_less = conn.execute(sa.select(schema.embeddings.c.product_id)
+                                  .where(schema.embeddings.c.image_embedding.is_(None))).scalars().all()
+        heads = conn.execute(sa.select(schema.tags.c.heads).where(schema.tags.c.product_id == 1)).scalar_one()
+        assert sorted(image_less) == [4, 8, 12, 16, 20]
+        assert heads["articleType"]["label"] == predictions.labels["articleType"][0]
+        assert repository.products_needing_tags(conn, VERSION) == list(range(21, 41))
+        assert repository.products_needing_tags(conn, "other-version", limit=3) == [1, 2, 3]
+
+
+def test_write_killed_mid_transaction_then_retried(tagged_db, monkeypatch):
+    ids = list(range(1, 31))
+    predictions = synthetic_predictions(len(ids), seed=2)
+    real_copy = repository.copy_rows
+    calls = []
+
+    def copy_then_die(conn, table, *args):
+        calls.append(table)
+        if len(calls) == 2:  # tags are already in; die while writing the embeddings
+            raise ConnectionError("worker killed mid-batch")
+        return real_copy(conn, table, *args)
+
+    monkeypatch.setattr(repository, "copy_rows", copy_then_die)
+    with pytest.raises(ConnectionError), tagged_db.begin() as conn:
+        repository.write_tags_and_embeddings(conn, VERSION, "run-2", ids, predictions)
+    with tagged_db.connect() as conn:
+        assert count(conn, schema.tags) == 0  # nothing half-written
+
+    with tagged_db.begin() as conn:  # the retry
+        repository.write_tags_and_embeddings(conn, VERSION, "run-2", ids, predictions)
+    with tagged_db.connect() as conn:
+        assert count(conn, schema.tags) == count(conn, schema.embeddings) == 30
+
+
+def test_plain_insert_path_writes_the_same_rows(tagged_db):
+    ids = list(range(1, 11))
+    predictions = synthetic_predictions(len(ids), seed=3)
+    with tagged_db.begin() as conn:
+        repository.write_tags_and_embeddings_plain(conn, VERSION, "run-3", ids, predictions)
+        plain = conn.execute(sa.select(schema.embeddings.c.product_embedding).order_by("product_id")).scalars().all()
+        repository.write_tags_and_embeddings(conn, VERSION, "run-3", ids, predictions)
+        copied = conn.execute(sa.select(schema.embeddings.c.product_embedding).order_by("product_id")).scalars().all()
+        assert count(conn, schema.tags) == 10
+    np.testing.assert_allclose(np.array(plain), np.array(copied), rtol=1e-6)
+    np.testing.assert_allclose(np.array(copied), predictions.product_embeddings, rtol=1e-6)
+
+
+def test_errors_are_recorded_once_per_run(catalog_engine):
+    errors = [RowError("corrupt image", 5, "images/5.jpg", "image"), RowError("missing product id", None, "m.csv#row3")]
+    for _ in range(2):
+        with catalog_engine.begin() as conn:
+            repository.record_errors(conn, "run-a", errors)
+    with catalog_engine.begin() as conn:
+        repository.record_errors(conn, "run-b", errors[:1])
+        rows = conn.execute(sa.select(schema.product_errors.c.run_id, schema.product_errors.c.stage)).all()
+    assert sorted(rows) == [("run-a", "image"), ("run-a", "manifest"), ("run-b", "image")]
+
+
+def test_model_registry_promotion_and_rejection(catalog_engine):
+    for version, accuracy in (("v1", 0.91), ("v2", 0.93), ("v3", 0.80)):
+        repository.register_model(catalog_engine, version, "efficientnet-lite0", 224, False,
+                                  f"s3://bucket/models/{version}", {"accuracy": np.float32(accuracy)}, accuracy)
+    assert repository.production_model(catalog_engine) is None
+    repository.promote_model(catalog_engine, "v1")
+    repository.promote_model(catalog_engine, "v2")
+    repository.reject_model(catalog_engine, "v3", "accuracy 0.80 below the baseline 0.91")
+
+    statuses = {row["version"]: row["status"] for row in repository.list_models(catalog_engine)}
+    assert statuses == {"v1": "retired", "v2": "production", "v3": "rejected"}
+    assert repository.production_model(catalog_engine)["version"] == "v2"
+    with pytest.raises(ValueError, match="production"):
+        repository.reject_model(catalog_engine, "v2", "no")
+    with pytest.raises(repository.NotFound):
+        repository.promote_model(catalog_engine, "v9")
+    with pytest.raises(sa.exc.IntegrityError), catalog_engine.begin() as conn:  # the database guards it too
+        conn.execute(schema.model_versions.update().where(schema.model_versions.c.version == "v1")
+                     .values(status="production"))
+
+
+def test_similar_products_uses_the_hnsw_index(tagged_db):
+    ids = list(range(1, 41))
+    predictions = synthetic_predictions(len(ids), seed=4)
+    centre = predictions.product_embeddings[0]
+    for offset, i in enumerate(range(1, 4)):  # products 2 and 3 are near product 1
+        vector = centre + 0.05 * (offset + 1) * predictions.product_embeddings[i]
+        predictions.product_embeddings[i] = vector / np.linalg.norm(vector)
+    repository.write_tags_and_embeddings(tagged_db, VERSION, "run-4", ids, predictions)
+
+    with tagged_db.begin() as conn:
+        similar = repository.similar_products(conn, 1, k=5)
+        for setting in ("enable_seqscan", "enable_bitmapscan", "enable_sort"):  # 40 rows: it would rather sort
+            conn.exec_driver_sql(f"SET LOCAL {setting} = off")
+        query = repository.similar_products_query(1, 5, VERSION).compile(
+            dialect=conn.dialect, compile_kwargs={"literal_binds": True})
+        plan = "\n".join(conn.exec_driver_sql(f"EXPLAIN {query}").scalars())
+    assert [row[0] for row in similar[:3]] == [2, 3, 4]
+    assert len(similar) == 5 and 1 not in [row[0] for row in similar]
+    assert similar[0][1] == "Product 2" and similar[0][2] == predictions.labels["articleType"][1]
+    assert [row[3] for row in similar] == sorted(row[3] for row in similar)
+    assert "ix_embeddings_product_embedding_hnsw" in plan
+    with pytest.raises(repository.NotFound):
+        repository.similar_products(tagged_db, 999)
+
+
+def test_manifests_load_into_products_with_errors(catalog_engine, tmp_path):
+    store = open_store(tmp_path.as_uri())
+    store.put("catalog/a.csv", b"id,productDisplayName\n1,Shirt\nx,Bad\n2,Shoe\n")
+    store.put("catalog/b.jsonl", b'{"id": 3, "productDisplayName": "Bag", "image_key": "images/3.jpg"}\n')
+    for _ in range(2):
+        with catalog_engine.begin() as conn:
+            sync = load_catalog_into_db(conn, store, prefix="catalog/", run_id="ingest-1")
+    with catalog_engine.connect() as conn:
+        assert count(conn, schema.products) == 3 and count(conn, schema.product_errors) == 1
+        image_key = conn.execute(sa.select(schema.products.c.image_key).where(schema.products.c.product_id == 3))
+        assert image_key.scalar_one() == "images/3.jpg"
+    assert sync.products_read == 3 and len(sync.errors) == 1
+
+
+def test_get_engine_starts_one_shared_embedded_server(tmp_path):
+    settings = get_settings(home=tmp_path / "home", database_url=None)
+    try:
+        engine = get_engine(settings)
+        migrate(engine)
+        port = running_port(settings.pgdata_dir)
+        other_process = subprocess.run(
+            [sys.executable, "-c", "from fashion_tagging.db.engine import get_engine, running_port;"
+             "from fashion_tagging.settings import get_settings; import sys;"
+             f"s = get_settings(home=__import__('pathlib').Path({str(settings.home)!r}), database_url=None);"
+             "get_engine(s).connect().close(); print(running_port(s.pgdata_dir))"],
+            capture_output=True, text=True, check=True, timeout=120)
+        assert int(other_process.stdout.strip()) == port
+        with engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT current_database()")).scalar() == "catalog"
+    finally:
+        stop_embedded_postgres(settings.pgdata_dir)
+    assert running_port(settings.pgdata_dir) is None

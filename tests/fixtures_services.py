@@ -13,8 +13,8 @@ Stable names, used across the suite (Airflow, UI, tagging tests):
 - ``s3_store`` (function): an ``S3Store`` over a new, empty bucket on that server.
 - ``catalog_settings`` (function): ``Settings`` with ``home`` in tmp, ``database_url`` = ``catalog_db_url``,
   a ``file://`` object store in tmp (everything a pipeline step needs, isolated per test).
-- ``kaggle_slice`` (session): a small Kaggle-layout folder (real rows and photos of
-  ``KAGGLE_SLICE_SIZE`` products, incl. image-less ones, plus one corrupt JPEG) for import tests.
+- ``kaggle_slice`` (session): a small Kaggle-layout folder (``KAGGLE_SLICE_SIZE`` real products,
+  some without photo, one with a corrupt photo, plus ``KAGGLE_SLICE_BAD_ROWS`` broken rows).
 - ``synthetic_predictions(n, seed) -> TagPredictions``: random but well-formed model output, for
   DB tests and benchmarks that need rows to write without training a model.
 """
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import uuid
 
 import numpy as np
@@ -36,8 +35,10 @@ from fashion_tagging.db.engine import embedded_postgres_url, engine_for_url, ens
 from fashion_tagging.objectstore import S3Store
 from fashion_tagging.settings import HEADS, IMAGE_EMBEDDING_DIM, PRODUCT_EMBEDDING_DIM, get_settings
 
-KAGGLE_SLICE_SIZE = 24
-CORRUPT_IMAGE_BYTES = b"\xff\xd8\xff\xe0 this is not really a JPEG"
+SLICE_WITH_IMAGE = 20
+SLICE_WITHOUT_IMAGE = 3
+KAGGLE_SLICE_SIZE = SLICE_WITH_IMAGE + SLICE_WITHOUT_IMAGE + 1  # + the product whose photo is corrupt
+KAGGLE_SLICE_BAD_ROWS = 5  # rows write_kaggle_slice breaks on purpose
 SYNTHETIC_LABELS = {head: [f"{head}-{i}" for i in range(5)] for head in HEADS}
 DUMMY_AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                  "AWS_DEFAULT_REGION": "us-east-1"}
@@ -110,22 +111,15 @@ def s3_store(s3_endpoint):
 
 @pytest.fixture(scope="session")
 def kaggle_slice(tmp_path_factory):
-    """First products of the real catalog + the image-less ones; the first product's photo is corrupt."""
-    source = get_settings().data_dir
-    styles = pd.read_csv(source / "styles.csv", dtype=str, keep_default_na=False)
-    has_image = styles["id"].map(lambda i: (source / "images" / f"{i}.jpg").is_file())
-    chosen = pd.concat([styles[has_image].head(KAGGLE_SLICE_SIZE - 3), styles[~has_image].head(3)])
-    target = tmp_path_factory.mktemp("kaggle") / "catalog"
-    (target / "images").mkdir(parents=True)
-    chosen.to_csv(target / "styles.csv", index=False)
-    for name in ("descriptions.csv", "split.csv"):
-        table = pd.read_csv(source / name, dtype=str, keep_default_na=False)
-        table[table["id"].isin(chosen["id"])].to_csv(target / name, index=False)
-    for product_id in chosen["id"]:
-        if (source / "images" / f"{product_id}.jpg").is_file():
-            shutil.copy(source / "images" / f"{product_id}.jpg", target / "images" / f"{product_id}.jpg")
-    (target / "images" / f"{chosen['id'].iloc[0]}.jpg").write_bytes(CORRUPT_IMAGE_BYTES)
-    return target
+    """A small Kaggle-layout folder: real products with and without photos, plus the broken rows
+    and the corrupt-photo product of ``tests.fixtures_data.write_kaggle_slice``."""
+    from tests.fixtures_data import DATA_DIR, require_data, slice_ids, write_kaggle_slice
+
+    require_data()
+    styles = pd.read_csv(DATA_DIR / "styles.csv", usecols=["id"])
+    image_less = [int(i) for i in styles["id"] if not (DATA_DIR / "images" / f"{i}.jpg").is_file()]
+    ids = slice_ids()[:SLICE_WITH_IMAGE] + image_less[:SLICE_WITHOUT_IMAGE]
+    return write_kaggle_slice(tmp_path_factory.mktemp("kaggle") / "catalog", ids)
 
 
 def synthetic_predictions(n: int, seed: int = 0, *, has_image=None):

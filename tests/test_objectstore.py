@@ -10,7 +10,7 @@ import pytest
 from fashion_tagging.ingest import encode_manifest, import_kaggle_catalog, read_manifests
 from fashion_tagging.objectstore import LocalStore, ObjectNotFound, S3Store, open_store, open_uri
 from fashion_tagging.settings import get_settings
-from tests.fixtures_services import KAGGLE_SLICE_SIZE
+from tests.fixtures_services import KAGGLE_SLICE_BAD_ROWS, KAGGLE_SLICE_SIZE, SLICE_WITHOUT_IMAGE
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -71,8 +71,9 @@ def test_import_into_s3_is_idempotent(kaggle_slice, s3_store):
     again = import_kaggle_catalog(kaggle_slice, s3_store, manifest_format="parquet")
 
     assert first.products == again.products == KAGGLE_SLICE_SIZE
-    assert first.products_without_image == 3
-    assert first.images_uploaded == KAGGLE_SLICE_SIZE - 3 and again.images_uploaded == 0
+    assert first.products_without_image == SLICE_WITHOUT_IMAGE
+    assert first.images_uploaded == KAGGLE_SLICE_SIZE - SLICE_WITHOUT_IMAGE and again.images_uploaded == 0
+    assert len(first.errors) == KAGGLE_SLICE_BAD_ROWS
     assert again.manifest_key == first.manifest_key
     products, errors = read_manifests(s3_store, get_settings().catalog_prefix)
     assert len(products) == KAGGLE_SLICE_SIZE and not errors
@@ -91,6 +92,7 @@ def test_import_formats_and_slices(kaggle_slice, tmp_path, manifest_format):
     assert summary.manifest_key == f"catalog/first-five.{manifest_format}"
     assert len(products) == 5 and not errors
     assert products["split"].isin(["train", "val", "test"]).all()
+    assert products["description"].str.len().gt(0).any()
 
 
 def test_malformed_manifest_rows_are_recorded_not_fatal(tmp_path):

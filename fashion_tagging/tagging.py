@@ -1,0 +1,227 @@
+"""``tag_batch``: the unit of work the nightly DAG maps over (one batch = one DB transaction).
+
+Products come from Postgres, photos from the object store (fetched concurrently), tags and
+embeddings go back in one upsert. Per-product problems never sink the batch: a missing or
+corrupt photo is recorded and the product is tagged from its text; a product with neither a
+usable photo nor text is recorded and left untagged. Re-running a batch is always safe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import numpy as np
+import sqlalchemy as sa
+
+from fashion_tagging.catalog import RowError, product_text
+from fashion_tagging.db import repository
+from fashion_tagging.db.engine import get_engine
+from fashion_tagging.ingest import describe_error
+from fashion_tagging.objectstore import ObjectNotFound, ObjectStore, open_store, open_uri
+from fashion_tagging.settings import Settings
+
+log = logging.getLogger(__name__)
+
+COMPLETE_MARKER = ".download-complete"
+MIXED_PRECISION_POLICY = "mixed_float16"
+
+_taggers: dict[tuple[str, str], object] = {}
+_taggers_lock = threading.Lock()
+_accelerator_configured = False
+
+
+@dataclasses.dataclass
+class BatchResult:
+    """Counts and stage timings of one batch; :meth:`as_dict` is what goes into XCom / run details."""
+
+    run_id: str
+    model_version: str
+    requested: int
+    tagged: int = 0
+    text_only: int = 0
+    errors: int = 0
+    fetch_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    infer_seconds: float = 0.0
+    write_seconds: float = 0.0
+    total_seconds: float = 0.0
+
+    @property
+    def products_per_second(self) -> float:
+        return self.tagged / self.total_seconds if self.total_seconds else 0.0
+
+    def as_dict(self) -> dict:
+        """JSON-safe; ``products`` and ``seconds`` are the names run summaries add up."""
+        return {**dataclasses.asdict(self), "products": self.requested, "seconds": self.total_seconds,
+                "products_per_second": self.products_per_second}
+
+
+@dataclasses.dataclass
+class _Inputs:
+    """What one batch feeds the model, plus the errors found while assembling it."""
+
+    product_ids: list[int]
+    images: list[np.ndarray | None]
+    texts: list[str]
+    errors: list[RowError]
+
+
+def tag_batch(product_ids: Sequence[int], *, settings: Settings, engine: sa.Engine | None = None,
+              store: ObjectStore | None = None, tagger=None, model_version: str | None = None,
+              run_id: str) -> BatchResult:
+    """Tag ``product_ids`` with ``tagger`` (default: the registry's production model) and store the results."""
+    started = time.perf_counter()
+    engine = engine or get_engine(settings)
+    store = store or open_store(settings.resolved_object_store_url, endpoint_url=settings.s3_endpoint_url,
+                                max_concurrency=settings.s3_max_concurrency)
+    if tagger is None:
+        tagger = load_production_tagger(settings, engine, model_version)
+    model_version = model_version or tagger.version
+    product_ids = list(dict.fromkeys(int(i) for i in product_ids))
+    result = BatchResult(run_id=run_id, model_version=model_version, requested=len(product_ids))
+
+    with engine.connect() as conn:
+        rows = repository.fetch_products(conn, product_ids)
+    inputs = _gather_inputs(rows, product_ids, store, tagger.image_size, result)
+
+    tick = time.perf_counter()
+    predictions = tagger.predict(inputs.images, inputs.texts, batch_size=settings.inference_batch_size,
+                                 top_k=settings.top_k) if inputs.product_ids else None
+    result.infer_seconds = time.perf_counter() - tick
+
+    tick = time.perf_counter()
+    with engine.begin() as conn:  # one transaction: all of the batch or none of it
+        if predictions is not None:
+            repository.write_tags_and_embeddings(conn, model_version, run_id, inputs.product_ids, predictions)
+        repository.record_errors(conn, run_id, inputs.errors)
+    result.write_seconds = time.perf_counter() - tick
+
+    result.tagged = len(inputs.product_ids)
+    result.text_only = sum(image is None for image in inputs.images)
+    result.errors = len(inputs.errors)
+    result.total_seconds = time.perf_counter() - started
+    log.info("run %s: tagged %d/%d products (%d text-only, %d errors) in %.1fs", run_id, result.tagged,
+             result.requested, result.text_only, result.errors, result.total_seconds)
+    return result
+
+
+def _gather_inputs(rows, product_ids: list[int], store: ObjectStore, image_size: int,
+                   result: BatchResult) -> _Inputs:
+    """Fetch and decode photos, build texts; every problem becomes a RowError."""
+    from fashion_tagging.images import ImageDecodeError, decode_image
+
+    found = {row.product_id for row in rows}
+    errors = [RowError("product id not in the catalog", pid, "products", "inference")
+              for pid in product_ids if pid not in found]
+
+    tick = time.perf_counter()
+    fetched = store.get_many([row.image_key for row in rows if row.image_key])
+    result.fetch_seconds = time.perf_counter() - tick
+
+    tick = time.perf_counter()
+    inputs = _Inputs([], [], [], errors)
+    for row in rows:
+        image = None
+        if row.image_key:
+            data = fetched[row.image_key]
+            if isinstance(data, ObjectNotFound):
+                errors.append(RowError("image object missing: tagged from text only", row.product_id,
+                                       row.image_key, "image"))
+            elif isinstance(data, Exception):  # transient after retries: leave it for the next run
+                errors.append(RowError(f"image fetch failed, product not tagged: {describe_error(data)}",
+                                       row.product_id, row.image_key, "image"))
+                continue
+            else:
+                try:
+                    image = decode_image(data, image_size)
+                except ImageDecodeError as error:
+                    errors.append(RowError(f"{error}: tagged from text only", row.product_id, row.image_key, "image"))
+        text = product_text(row.title, row.description)
+        if image is None and not text:
+            errors.append(RowError("no usable image and no text: not tagged", row.product_id,
+                                   row.image_key or "products", "inference"))
+            continue
+        inputs.product_ids.append(row.product_id)
+        inputs.images.append(image)
+        inputs.texts.append(text)
+    result.decode_seconds = time.perf_counter() - tick
+    return inputs
+
+
+# --- model resolution -------------------------------------------------------------------------
+
+
+def load_production_tagger(settings: Settings, engine: sa.Engine | None = None, model_version: str | None = None):
+    """The Tagger of ``model_version`` (default: the production model), loaded once per process."""
+    engine = engine or get_engine(settings)
+    with engine.connect() as conn:
+        if model_version is None:
+            row = repository.production_model(conn)
+            if row is None:
+                raise repository.NotFound("no production model in the registry: train and promote one first")
+        else:
+            row = repository.get_model(conn, model_version)
+    return load_tagger(settings, row["version"], row["artifact_uri"])
+
+
+def load_tagger(settings: Settings, version: str, artifact_uri: str):
+    """Load (and cache per process) the Tagger of an artifact at a local path, file:// or s3:// URI."""
+    key = (version, artifact_uri)
+    with _taggers_lock:
+        if key not in _taggers:
+            configure_accelerator()
+            from fashion_tagging.artifacts import Tagger
+
+            _taggers[key] = Tagger.load(local_artifact_dir(settings, version, artifact_uri))
+        return _taggers[key]
+
+
+def local_artifact_dir(settings: Settings, version: str, artifact_uri: str) -> Path:
+    """A local directory holding the artifact: itself when local, else a downloaded copy in the cache."""
+    if not artifact_uri.startswith("s3://"):
+        path = Path(unquote(urlparse(artifact_uri).path)) if artifact_uri.startswith("file://") else Path(artifact_uri)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model {version!r}: no artifact at {artifact_uri}")
+        return path
+    target = settings.cache_dir / "models" / version
+    if (target / COMPLETE_MARKER).is_file():
+        return target
+    store, key = open_uri(artifact_uri, endpoint_url=settings.s3_endpoint_url)
+    staging = target.with_name(f".{version}-{uuid.uuid4().hex[:8]}")
+    store.download_dir(key, staging)
+    (staging / COMPLETE_MARKER).touch()
+    try:
+        os.replace(staging, target)  # another process may have won the race: theirs is as good
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def configure_accelerator() -> None:
+    """On a GPU: grow memory on demand (several workers share a card) and run in mixed precision."""
+    global _accelerator_configured
+    if _accelerator_configured:
+        return
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    for gpu in gpus:
+        try:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except RuntimeError:  # already initialised by an earlier TF call: keep its settings
+            pass
+    if gpus:
+        import keras
+
+        keras.mixed_precision.set_global_policy(MIXED_PRECISION_POLICY)
+        log.info("tagging on %d GPU(s) with %s", len(gpus), MIXED_PRECISION_POLICY)
+    _accelerator_configured = True

@@ -180,7 +180,7 @@ def _lite0_blocks_args() -> list[dict]:
     return blocks
 
 
-def _build_lite0(image_size: int, include_top: bool):
+def _build_lite0_classifier(image_size: int):
     """Lite0 = B0 widths/depths (stem 32, head 1280), relu6, no SE, inception preprocessing."""
     from keras.src.applications.efficientnet import EfficientNet
 
@@ -192,10 +192,9 @@ def _build_lite0(image_size: int, include_top: bool):
         activation="relu6",
         blocks_args=_lite0_blocks_args(),
         name="efficientnet_lite0",
-        include_top=include_top,
+        include_top=True,
         weights=None,
         input_shape=(image_size, image_size, 3),
-        pooling=None if include_top else "avg",
         classes=IMAGENET_CLASSES,
         classifier_activation=None,
     )
@@ -264,7 +263,10 @@ def load_lite0_torch_weights(model, state: dict[str, np.ndarray]) -> None:
     used: set[str] = set()
     for layer_name, prefix, kind in _lite0_layer_map():
         layer = model.get_layer(layer_name)
-        arrays, keys = _keras_weights_from_torch(state, prefix, kind)
+        try:
+            arrays, keys = _keras_weights_from_torch(state, prefix, kind)
+        except KeyError as exc:
+            raise ValueError(f"checkpoint has no tensor {exc} for Keras layer {layer_name}") from exc
         expected = [tuple(w.shape) for w in layer.weights]
         if [a.shape for a in arrays] != expected:
             raise ValueError(f"{layer_name} <- {prefix}: shapes {[a.shape for a in arrays]} != {expected}")
@@ -311,7 +313,7 @@ def lite0_imagenet_weights_path(cache_dir: Path | None = None) -> Path:
     if target.exists():
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
-    model = _build_lite0(224, include_top=True)
+    model = _build_lite0_classifier(224)
     load_lite0_torch_weights(model, read_torch_legacy_checkpoint(checkpoint))
     fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".weights.h5")
     os.close(fd)
@@ -331,9 +333,26 @@ def lite0_imagenet_weights_path(cache_dir: Path | None = None) -> Path:
 
 def build_lite0_imagenet_classifier(image_size: int = 224, *, cache_dir: Path | None = None):
     """Lite0 with its 1000-class ImageNet head (logits); raw 0..255 RGB in."""
-    model = _build_lite0(image_size, include_top=True)
+    model = _build_lite0_classifier(image_size)
     model.load_weights(lite0_imagenet_weights_path(cache_dir))
     return model
+
+
+def _build_b0(image_size: int, weights: str | None):
+    """Keras' EfficientNetB0 (its preprocessing is built in); ImageNet weights are downloaded once."""
+    import keras
+
+    try:
+        return keras.applications.EfficientNetB0(
+            include_top=False, weights=weights, input_shape=(image_size, image_size, 3), pooling="avg"
+        )
+    except Exception as exc:  # Keras raises a bare Exception when the download fails
+        if weights is None or "URL fetch failure" not in str(exc):
+            raise
+        raise RuntimeError(
+            f"efficientnet-b0 ImageNet weights could not be downloaded ({exc}); they need internet access "
+            f"once (then live in ~/.keras/models). Use backbone '{LITE0}', which works offline."
+        ) from exc
 
 
 def build_backbone(name: str = LITE0, image_size: int = 224, weights: str | None = "imagenet", *,
@@ -351,12 +370,10 @@ def build_backbone(name: str = LITE0, image_size: int = 224, weights: str | None
     if weights not in ("imagenet", None):
         raise ValueError(f"weights must be 'imagenet' or None, got {weights!r}")
     if name == B0:
-        model = keras.applications.EfficientNetB0(
-            include_top=False, weights=weights, input_shape=(image_size, image_size, 3), pooling="avg"
-        )
+        model = _build_b0(image_size, weights)
     else:
         classifier = (build_lite0_imagenet_classifier(image_size, cache_dir=cache_dir) if weights
-                      else _build_lite0(image_size, include_top=True))
+                      else _build_lite0_classifier(image_size))
         pooled = classifier.get_layer("avg_pool").output
         model = keras.Model(classifier.input, pooled, name="efficientnet_lite0_backbone")
     if model.output_shape[-1] != IMAGE_EMBEDDING_DIM:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import datetime
 import hashlib
 import io
 import json
@@ -21,7 +22,7 @@ import sqlalchemy as sa
 
 from fashion_tagging.catalog import STYLE_COLUMNS, RowError, clean_html, load_kaggle_catalog, validate_rows
 from fashion_tagging.objectstore import ObjectStore
-from fashion_tagging.settings import get_settings
+from fashion_tagging.settings import Settings, get_settings
 
 MANIFEST_FORMATS = {"parquet": ".parquet", "csv": ".csv", "jsonl": ".jsonl"}
 MANIFEST_SUFFIXES = {".parquet": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl"}
@@ -89,6 +90,31 @@ def import_kaggle_catalog(data_dir: str | Path, store: ObjectStore, *, limit: in
                          products_without_image=len(manifest) - with_image, errors=list(load.errors))
 
 
+def import_catalog(settings: Settings | None = None, data_dir: str | Path | None = None, *, limit: int | None = None,
+                   ids: Collection[int] | None = None, manifest_format: str = "parquet",
+                   batch_name: str | None = None, load_into_db: bool = True, run_id: str | None = None) -> dict:
+    """CLI ``import-catalog``: Kaggle folder -> the configured store, then (by default) into the database."""
+    from fashion_tagging.db.engine import migrate_database
+    from fashion_tagging.db.repository import record_errors
+    from fashion_tagging.objectstore import open_store
+
+    settings = settings or get_settings()
+    run_id = run_id or f"import-{datetime.datetime.now(datetime.UTC):%Y%m%dT%H%M%S}"
+    store = open_store(settings.resolved_object_store_url, endpoint_url=settings.s3_endpoint_url,
+                       max_concurrency=settings.s3_max_concurrency)
+    summary = import_kaggle_catalog(data_dir or settings.data_dir, store, limit=limit, ids=ids,
+                                    manifest_format=manifest_format, batch_name=batch_name)
+    report = {"run_id": run_id, "store": store.url, **dataclasses.asdict(summary), "errors": len(summary.errors)}
+    if load_into_db:
+        with migrate_database(settings).begin() as conn:
+            record_errors(conn, run_id, summary.errors)
+            sync = load_catalog_into_db(conn, store, prefix=settings.catalog_prefix, run_id=run_id,
+                                        since_keys=set(list_manifest_keys(store, settings.catalog_prefix))
+                                        - {summary.manifest_key})
+        report.update(products_written=sync.products_written, manifest_errors=len(sync.errors))
+    return report
+
+
 def encode_manifest(frame: pd.DataFrame, manifest_format: str) -> bytes:
     """A manifest file's bytes in one of :data:`MANIFEST_FORMATS`."""
     if manifest_format == "parquet":
@@ -132,14 +158,26 @@ def read_manifests(store: ObjectStore, prefix: str, *,
 
 def load_catalog_into_db(conn: sa.Connection, store: ObjectStore, *, prefix: str | None = None, run_id: str,
                          since_keys: Collection[str] | None = None) -> CatalogSync:
-    """Read new manifests and upsert their products, recording bad rows under ``run_id``."""
-    from fashion_tagging.db.repository import record_errors, upsert_products
+    """Upsert the products of new or changed manifests, recording bad rows under ``run_id``.
+
+    Which manifests: by default those whose fingerprint differs from the ``catalog_manifests``
+    ledger (new files and rewritten ones); with ``since_keys``, all but those keys.
+    """
+    from fashion_tagging.db import repository
 
     prefix = get_settings().catalog_prefix if prefix is None else prefix
-    keys = [key for key in list_manifest_keys(store, prefix) if key not in set(since_keys or ())]
-    products, errors = read_manifests(store, prefix, since_keys=since_keys)
-    written = upsert_products(conn, products) if len(products) else 0
-    record_errors(conn, run_id, errors)
+    fingerprints = {key: store.fingerprint(key) for key in list_manifest_keys(store, prefix)}
+    if since_keys is None:
+        loaded = repository.loaded_manifests(conn)
+        since_keys = {key for key, fingerprint in fingerprints.items() if loaded.get(key) == fingerprint}
+    keys = [key for key in fingerprints if key not in set(since_keys)]
+    products, errors = read_manifests(store, prefix, since_keys=set(fingerprints) - set(keys))
+    written = repository.upsert_products(conn, products) if len(products) else 0
+    repository.record_errors(conn, run_id, errors)
+    per_key = products["source"].value_counts().to_dict() if len(products) else {}
+    repository.mark_manifests_loaded(conn, run_id, [
+        {"key": key, "fingerprint": fingerprints[key], "products": int(per_key.get(key, 0)),
+         "errors": sum(e.source == key or e.source.startswith(f"{key}#") for e in errors)} for key in keys])
     return CatalogSync(manifest_keys=keys, products_read=len(products), products_written=written, errors=errors)
 
 

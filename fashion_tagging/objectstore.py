@@ -56,6 +56,10 @@ class ObjectStore(abc.ABC):
     @abc.abstractmethod
     def exists(self, key: str) -> bool: ...
 
+    @abc.abstractmethod
+    def fingerprint(self, key: str) -> str:
+        """Changes whenever the object is rewritten (ETag / size+mtime): tells re-uploads apart."""
+
     def uri(self, key: str) -> str:
         """Absolute URI of a key, e.g. for error rows and the model registry."""
         return f"{self.url}/{key.lstrip('/')}"
@@ -141,6 +145,13 @@ class LocalStore(ObjectStore):
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
+    def fingerprint(self, key: str) -> str:
+        try:
+            stat = self._path(key).stat()
+        except FileNotFoundError:
+            raise ObjectNotFound(self.uri(key)) from None
+        return f"{stat.st_size}-{stat.st_mtime_ns}"
+
 
 class S3Store(ObjectStore):
     """An S3 bucket (or prefix in one) through boto3; endpoint_url points it at MinIO or moto."""
@@ -201,6 +212,14 @@ class S3Store(ObjectStore):
         except Exception as error:
             if _is_s3_missing(error):
                 return False
+            raise
+
+    def fingerprint(self, key: str) -> str:
+        try:
+            return self.client.head_object(Bucket=self.bucket, Key=self._full_key(key))["ETag"].strip('"')
+        except Exception as error:
+            if _is_s3_missing(error):
+                raise ObjectNotFound(self.uri(key)) from None
             raise
 
     def uri(self, key: str) -> str:

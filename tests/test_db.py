@@ -16,11 +16,13 @@ from alembic.migration import MigrationContext
 
 from fashion_tagging.catalog import RowError
 from fashion_tagging.db import repository, schema
-from fashion_tagging.db.engine import engine_for_url, get_engine, migrate, running_port, stop_embedded_postgres
-from fashion_tagging.ingest import encode_manifest, load_catalog_into_db
+from fashion_tagging.db.engine import engine_for_url, get_engine, migrate, migrate_database, running_port, \
+    stop_embedded_postgres
+from fashion_tagging.ingest import import_catalog, load_catalog_into_db
 from fashion_tagging.objectstore import open_store
 from fashion_tagging.settings import get_settings
-from tests.fixtures_services import drop_database, new_database, synthetic_predictions
+from tests.fixtures_services import KAGGLE_SLICE_BAD_ROWS, KAGGLE_SLICE_SIZE, drop_database, new_database, \
+    synthetic_predictions
 
 VERSION = "v-test"
 
@@ -186,18 +188,35 @@ def test_similar_products_uses_the_hnsw_index(tagged_db):
         repository.similar_products(tagged_db, 999)
 
 
-def test_manifests_load_into_products_with_errors(catalog_engine, tmp_path):
+def test_manifests_load_once_unless_rewritten(catalog_engine, tmp_path):
     store = open_store(tmp_path.as_uri())
     store.put("catalog/a.csv", b"id,productDisplayName\n1,Shirt\nx,Bad\n2,Shoe\n")
     store.put("catalog/b.jsonl", b'{"id": 3, "productDisplayName": "Bag", "image_key": "images/3.jpg"}\n')
-    for _ in range(2):
-        with catalog_engine.begin() as conn:
-            sync = load_catalog_into_db(conn, store, prefix="catalog/", run_id="ingest-1")
+    first = load_catalog_into_db(catalog_engine, store, prefix="catalog/", run_id="night-1")
+    second = load_catalog_into_db(catalog_engine, store, prefix="catalog/", run_id="night-2")
+    store.put("catalog/b.jsonl", b'{"id": 3, "productDisplayName": "Bigger Bag"}\n{"id": 4, "productDisplayName": "Hat"}\n')
+    third = load_catalog_into_db(catalog_engine, store, prefix="catalog/", run_id="night-3")
+
+    assert (first.products_read, len(first.errors)) == (3, 1)
+    assert second.manifest_keys == [] and second.products_read == 0  # nothing new: nothing re-read
+    assert third.manifest_keys == ["catalog/b.jsonl"] and third.products_written == 2
     with catalog_engine.connect() as conn:
-        assert count(conn, schema.products) == 3 and count(conn, schema.product_errors) == 1
-        image_key = conn.execute(sa.select(schema.products.c.image_key).where(schema.products.c.product_id == 3))
-        assert image_key.scalar_one() == "images/3.jpg"
-    assert sync.products_read == 3 and len(sync.errors) == 1
+        titles = dict(conn.execute(sa.select(schema.products.c.product_id, schema.products.c.title)).all())
+        assert count(conn, schema.product_errors) == 1
+        ledger = dict(conn.execute(sa.select(schema.catalog_manifests.c.key, schema.catalog_manifests.c.errors)).all())
+    assert titles == {1: "Shirt", 2: "Shoe", 3: "Bigger Bag", 4: "Hat"}
+    assert ledger == {"catalog/a.csv": 1, "catalog/b.jsonl": 0}
+
+
+def test_import_catalog_command_fills_store_and_database(catalog_settings, kaggle_slice):
+    report = import_catalog(catalog_settings, kaggle_slice, manifest_format="csv", run_id="import-1")
+    again = import_catalog(catalog_settings, kaggle_slice, manifest_format="csv", run_id="import-1")
+
+    assert report["products"] == report["products_written"] == KAGGLE_SLICE_SIZE
+    assert again["products_written"] == 0 and again["images_uploaded"] == 0
+    with migrate_database(catalog_settings).connect() as conn:
+        assert count(conn, schema.products) == KAGGLE_SLICE_SIZE
+        assert count(conn, schema.product_errors) == KAGGLE_SLICE_BAD_ROWS == report["errors"]
 
 
 def test_get_engine_starts_one_shared_embedded_server(tmp_path):

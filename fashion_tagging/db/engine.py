@@ -90,6 +90,13 @@ def migrate(engine: sa.Engine) -> None:
         command.upgrade(config, "head")
 
 
+def migrate_database(settings: Settings | None = None) -> sa.Engine:
+    """CLI ``db migrate``: the catalog engine, upgraded to the newest schema."""
+    engine = get_engine(settings)
+    migrate(engine)
+    return engine
+
+
 # --- embedded server ---------------------------------------------------------------------------
 
 
@@ -222,5 +229,5 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-__all__ = ["get_engine", "engine_for_url", "ensure_database", "migrate", "embedded_postgres_url",
+__all__ = ["get_engine", "engine_for_url", "ensure_database", "migrate", "migrate_database", "embedded_postgres_url",
            "stop_embedded_postgres", "running_port", "CATALOG_DATABASE"]

@@ -179,6 +179,26 @@ def products_needing_tags(conn: sa.Connection, model_version: str, *, ingested_a
     return list(conn.execute(query).scalars())
 
 
+@accepts_engine
+def loaded_manifests(conn: sa.Connection) -> dict[str, str]:
+    """Manifest key -> fingerprint of every manifest already loaded into ``products``."""
+    ledger = schema.catalog_manifests
+    return dict(conn.execute(sa.select(ledger.c.key, ledger.c.fingerprint)).all())
+
+
+@accepts_engine
+def mark_manifests_loaded(conn: sa.Connection, run_id: str, manifests: Sequence[Mapping]) -> None:
+    """Upsert ledger rows: dicts with ``key``, ``fingerprint``, ``products`` and ``errors``."""
+    if not manifests:
+        return
+    statement = pg_insert(schema.catalog_manifests)
+    conn.execute(statement.on_conflict_do_update(
+        index_elements=["key"],
+        set_={"fingerprint": statement.excluded.fingerprint, "products": statement.excluded.products,
+              "errors": statement.excluded.errors, "run_id": statement.excluded.run_id, "loaded_at": sa.func.now()}),
+        [{**dict(manifest), "run_id": run_id} for manifest in manifests])
+
+
 # --- tags + embeddings ------------------------------------------------------------------------
 
 

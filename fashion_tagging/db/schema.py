@@ -126,3 +126,16 @@ product_errors = sa.Table(
     sa.UniqueConstraint("run_id", "product_id", "stage", "source", name="uq_product_errors_once",
                         postgresql_nulls_not_distinct=True),
 )
+
+# Ledger of catalog manifests already loaded into ``products``: a manifest is read again only when
+# its fingerprint (ETag / size+mtime) changes, so nightly runs neither re-read nor re-report old files.
+catalog_manifests = sa.Table(
+    "catalog_manifests",
+    metadata,
+    sa.Column("key", sa.Text, primary_key=True),
+    sa.Column("fingerprint", sa.Text, nullable=False),
+    sa.Column("products", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("errors", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("run_id", sa.Text),
+    sa.Column("loaded_at", sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False),
+)

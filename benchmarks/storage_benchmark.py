@@ -1,0 +1,222 @@
+"""Catalog database speed on this machine: tag + embedding writes and similar-product queries.
+
+1. Write throughput of tag + embedding rows (1280-d image + 256-d product vectors, random),
+   in tagging-sized batches of one transaction each, HNSW index maintained as in production:
+   the COPY -> temp table -> upsert path against the SQLAlchemy executemany upsert, same run,
+   same server. A third row writes through COPY into a table without the HNSW index, to show
+   what the index costs.
+2. Similar-product query latency (p50/p95 of ``repository.similar_products``) on the real
+   44,441-product catalog (ids, titles, article types from styles.csv) with SYNTHETIC embeddings
+   clustered by article type (no trained model needed); exact brute-force scan for comparison,
+   and the HNSW recall@k against it.
+
+Runs a throw-away embedded PostgreSQL (durable settings) in a temp dir.
+
+    .venv/bin/python benchmarks/storage_benchmark.py [--rows 20000] [--batch 1000] [--queries 300]
+
+Prints a table and writes benchmarks/results/storage.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import sqlalchemy as sa
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(PROJECT_ROOT))
+
+from fashion_tagging.db import repository, schema  # noqa: E402
+from fashion_tagging.db.engine import embedded_postgres_url, engine_for_url, ensure_database, migrate, \
+    stop_embedded_postgres  # noqa: E402
+from fashion_tagging.settings import PRODUCT_EMBEDDING_DIM, get_settings  # noqa: E402
+from tests.fixtures_services import synthetic_predictions  # noqa: E402
+
+RESULTS = PROJECT_ROOT / "benchmarks" / "results" / "storage.json"
+VERSION = "bench"
+HNSW_INDEX = "ix_embeddings_product_embedding_hnsw"
+LOAD_BATCH = 5000
+WARMUP_QUERIES = 20
+K = 10
+CLUSTER_NOISE = 0.8  # spread of a product around its article type's centre (relative to unit centres)
+SEED = 7
+
+
+def fresh_database(server_url: str, name: str) -> sa.Engine:
+    url = ensure_database(server_url, name)
+    engine = engine_for_url(url)
+    migrate(engine)
+    return engine
+
+
+def prepare_catalog(engine: sa.Engine, products: pd.DataFrame) -> None:
+    with engine.begin() as conn:
+        repository.upsert_products(conn, products)
+        repository.register_model(conn, VERSION, "synthetic", 224, False, "file:///dev/null", {}, None)
+        repository.promote_model(conn, VERSION)
+
+
+def write_throughput(server_url: str, label: str, writer, rows: int, batch: int, *, with_index: bool) -> dict:
+    """Rows/s writing ``rows`` tag+embedding rows in ``batch``-sized transactions."""
+    engine = fresh_database(server_url, f"bench_write_{label}")
+    ids = list(range(1, rows + 1))
+    prepare_catalog(engine, pd.DataFrame({"id": ids, "productDisplayName": [f"product {i}" for i in ids]}))
+    if not with_index:
+        with engine.begin() as conn:
+            conn.exec_driver_sql(f"DROP INDEX {HNSW_INDEX}")
+    predictions = synthetic_predictions(rows, seed=SEED)
+    batches = [(ids[start:start + batch], _slice(predictions, start, start + batch)) for start in range(0, rows, batch)]
+    started = time.perf_counter()
+    for batch_ids, batch_predictions in batches:
+        with engine.begin() as conn:
+            writer(conn, VERSION, "bench", batch_ids, batch_predictions)
+    seconds = time.perf_counter() - started
+    with engine.connect() as conn:
+        written = conn.execute(sa.select(sa.func.count()).select_from(schema.embeddings)).scalar_one()
+    assert written == rows, f"{label}: wrote {written} of {rows} rows"
+    return {"path": label, "rows": rows, "batch": batch, "hnsw_index": with_index, "seconds": round(seconds, 2),
+            "rows_per_second": round(rows / seconds, 1)}
+
+
+def clustered_predictions(products: pd.DataFrame):
+    """Synthetic fused embeddings: one random centre per article type, products scattered around it."""
+    rng = np.random.default_rng(SEED)
+    predictions = synthetic_predictions(len(products), seed=SEED)
+    types = products["articleType"].astype("category").cat.codes.to_numpy()
+    centres = rng.normal(size=(types.max() + 1, PRODUCT_EMBEDDING_DIM))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    noise = rng.normal(size=(len(products), PRODUCT_EMBEDDING_DIM)) * CLUSTER_NOISE / np.sqrt(PRODUCT_EMBEDDING_DIM)
+    vectors = (centres[types] + noise).astype(np.float32)
+    predictions.product_embeddings = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    predictions.labels["articleType"] = products["articleType"].tolist()
+    return predictions
+
+
+def query_latency(server_url: str, data_dir: Path, queries: int) -> dict:
+    """p50/p95 of similar_products on the full catalog; exact scan and recall@K for comparison."""
+    styles = pd.read_csv(data_dir / "styles.csv", usecols=["id", "articleType", "productDisplayName"],
+                         dtype=str, keep_default_na=False)
+    styles["id"] = styles["id"].astype("int64")
+    engine = fresh_database(server_url, "bench_similar")
+    prepare_catalog(engine, styles)
+    predictions = clustered_predictions(styles)
+    ids = styles["id"].tolist()
+    with engine.begin() as conn:  # bulk load: index after the data, as pgvector recommends
+        conn.exec_driver_sql(f"DROP INDEX {HNSW_INDEX}")
+        for start in range(0, len(ids), LOAD_BATCH):
+            repository.write_tags_and_embeddings(conn, VERSION, "bench", ids[start:start + LOAD_BATCH],
+                                                 _slice(predictions, start, start + LOAD_BATCH))
+    started = time.perf_counter()
+    with engine.begin() as conn:
+        conn.exec_driver_sql("SET LOCAL maintenance_work_mem = '1GB'")
+        conn.exec_driver_sql(f"CREATE INDEX {HNSW_INDEX} ON embeddings USING hnsw "
+                             "(product_embedding vector_cosine_ops) WITH (m = 16, ef_construction = 64)")
+    build_seconds = time.perf_counter() - started
+    with engine.begin() as conn:
+        conn.exec_driver_sql("ANALYZE")
+        query = repository.similar_products_query(ids[0], K, VERSION).compile(
+            dialect=conn.dialect, compile_kwargs={"literal_binds": True})
+        plan = "\n".join(conn.exec_driver_sql(f"EXPLAIN {query}").scalars())
+
+    probe_ids = [int(i) for i in np.random.default_rng(SEED).choice(ids, size=queries + WARMUP_QUERIES, replace=False)]
+    hnsw_ms, hnsw_results = _timed_queries(engine, probe_ids, exact=False)
+    exact_ms, exact_results = _timed_queries(engine, probe_ids[:max(queries // 5, 20) + WARMUP_QUERIES], exact=True)
+    recall = np.mean([len(set(hnsw_results[i]) & set(exact_results[i])) / K for i in exact_results])
+    return {"products": len(ids), "embeddings": "synthetic, clustered by real articleType", "k": K,
+            "queries": queries, "hnsw_build_seconds": round(build_seconds, 1), "uses_hnsw_index": HNSW_INDEX in plan,
+            "hnsw_p50_ms": _percentile(hnsw_ms, 50), "hnsw_p95_ms": _percentile(hnsw_ms, 95),
+            "exact_p50_ms": _percentile(exact_ms, 50), "exact_p95_ms": _percentile(exact_ms, 95),
+            "exact_queries": len(exact_ms), "hnsw_recall_at_k": round(float(recall), 3)}
+
+
+def _timed_queries(engine: sa.Engine, product_ids: list[int], *, exact: bool) -> tuple[list[float], dict]:
+    """Latency per query (one transaction each, like the UI), after WARMUP_QUERIES untimed ones."""
+    latencies, results = [], {}
+    for n, product_id in enumerate(product_ids):
+        started = time.perf_counter()
+        with engine.begin() as conn:
+            if exact:
+                conn.exec_driver_sql("SET LOCAL enable_indexscan = off")
+            neighbours = repository.similar_products(conn, product_id, k=K, model_version=VERSION)
+        if n >= WARMUP_QUERIES:
+            latencies.append((time.perf_counter() - started) * 1000)
+            results[product_id] = [row[0] for row in neighbours]
+    return latencies, results
+
+
+def _slice(predictions, start: int, stop: int):
+    """Rows start:stop of a TagPredictions."""
+    import dataclasses
+
+    return dataclasses.replace(
+        predictions,
+        labels={h: v[start:stop] for h, v in predictions.labels.items()},
+        confidences={h: v[start:stop] for h, v in predictions.confidences.items()},
+        top_k={h: v[start:stop] for h, v in predictions.top_k.items()},
+        image_embeddings=predictions.image_embeddings[start:stop],
+        product_embeddings=predictions.product_embeddings[start:stop],
+        has_image=predictions.has_image[start:stop], has_text=predictions.has_text[start:stop])
+
+
+def _percentile(values: list[float], q: int) -> float:
+    return round(float(np.percentile(values, q)), 2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=20000, help="tag+embedding rows per write path")
+    parser.add_argument("--batch", type=int, default=get_settings().tagging_batch_size)
+    parser.add_argument("--queries", type=int, default=300)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="ft-storage-bench-") as folder:
+        pgdata = Path(folder) / "pgdata"
+        server_url = embedded_postgres_url(pgdata, durable=True)
+        try:
+            writes = [
+                write_throughput(server_url, "copy_upsert", repository.write_tags_and_embeddings,
+                                 args.rows, args.batch, with_index=True),
+                write_throughput(server_url, "orm_executemany_upsert", repository.write_tags_and_embeddings_plain,
+                                 args.rows, args.batch, with_index=True),
+                write_throughput(server_url, "copy_upsert_no_hnsw", repository.write_tags_and_embeddings,
+                                 args.rows, args.batch, with_index=False),
+            ]
+            similar = query_latency(server_url, get_settings().data_dir, args.queries)
+        finally:
+            stop_embedded_postgres(pgdata)
+
+    print(f"\nTag + embedding writes ({args.rows} rows, batches of {args.batch}, one transaction each)")
+    print(f"{'path':<26} {'HNSW':>5} {'seconds':>9} {'rows/s':>9}")
+    for row in writes:
+        print(f"{row['path']:<26} {'yes' if row['hnsw_index'] else 'no':>5} {row['seconds']:>9.2f} "
+              f"{row['rows_per_second']:>9.1f}")
+    speedup = writes[0]["rows_per_second"] / writes[1]["rows_per_second"]
+    print(f"COPY path vs executemany: {speedup:.2f}x")
+    print(f"\nSimilar products, k={K}, {similar['products']} products ({similar['embeddings']} embeddings)")
+    print(f"{'method':<14} {'p50 ms':>8} {'p95 ms':>8}")
+    print(f"{'HNSW':<14} {similar['hnsw_p50_ms']:>8.2f} {similar['hnsw_p95_ms']:>8.2f}")
+    print(f"{'exact scan':<14} {similar['exact_p50_ms']:>8.2f} {similar['exact_p95_ms']:>8.2f}")
+    print(f"HNSW recall@{K}: {similar['hnsw_recall_at_k']}, index build {similar['hnsw_build_seconds']} s, "
+          f"planner uses HNSW: {similar['uses_hnsw_index']}")
+
+    result = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+              "postgres": "embedded PostgreSQL 18 + pgvector 0.8 (durable settings)",
+              "writes": writes, "copy_vs_executemany_speedup": round(speedup, 2), "similar_products": similar}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -30,6 +30,7 @@ class ProgressLogger:
         self._clock = clock
         self._started = clock()
         self._last_logged: float | None = None
+        self._logged_batch = -1
 
     def update(self, units: int) -> None:
         """Record one finished batch of ``units``; logs when ``every_s`` has passed since the last line."""
@@ -40,8 +41,9 @@ class ProgressLogger:
             self._log(now)
 
     def finish(self) -> None:
-        """Log the final totals, whatever the interval."""
-        self._log(self._clock())
+        """Log the final totals, whatever the interval (once: not again if the last batch was logged)."""
+        if self._logged_batch != self.batch:
+            self._log(self._clock())
 
     @property
     def rate(self) -> float:
@@ -60,4 +62,5 @@ class ProgressLogger:
 
     def _log(self, now: float) -> None:
         self._last_logged = now
+        self._logged_batch = self.batch
         self.logger.info("%s", self.line())

@@ -1,0 +1,119 @@
+"""The read-only queries behind the Catalog tagging page, on a real PostgreSQL with a seeded catalog."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import sqlalchemy as sa
+
+from benchmarks.dashboard_latency import catalog_products, seed_synthetic_catalog
+from fashion_tagging import dashboard
+from fashion_tagging.db.engine import engine_for_url
+from fashion_tagging.progress import ProgressLogger
+from fashion_tagging.settings import PRIMARY_HEAD, get_settings
+from tests.fixtures_services import drop_database, new_database
+
+SEEDED_PRODUCTS = 200
+
+
+@pytest.fixture(scope="module")
+def seeded(postgres_url, tmp_path_factory):
+    """A migrated catalog with real products and synthetic registry, runs, tags and embeddings."""
+    url = new_database(postgres_url)
+    engine = engine_for_url(url)
+    products = catalog_products(get_settings().data_dir, SEEDED_PRODUCTS)
+    version = seed_synthetic_catalog(engine, products, tmp_path_factory.mktemp("models"))
+    yield engine, products, version
+    drop_database(postgres_url, url)
+
+
+def test_overview_shows_registry_evaluation_runs_and_predictions(seeded):
+    engine, products, version = seeded
+    with dashboard.read_only(engine) as conn:
+        page = dashboard.overview(conn)
+
+    registry = page["registry"]
+    assert [m["version"] for m in registry] == ["v001", "v002", "v003"]
+    assert [m["status"] for m in registry] == ["retired", "rejected", "production"]
+    assert registry[-1]["accuracy"][PRIMARY_HEAD] == pytest.approx(0.927)
+    assert registry[-1]["primary_accuracy_by_mode"]["text_only"] == pytest.approx(0.815)
+    assert page["version"] == version == "v003"
+
+    spots = page["evaluation"]["weak_spots"]
+    assert page["evaluation"]["version"] == "v003" and spots
+    assert [s["f1"] for s in spots] == sorted(s["f1"] for s in spots)
+
+    assert len(page["runs"]) == 12
+    assert [r["started_at"] for r in page["runs"]] == sorted(r["started_at"] for r in page["runs"])
+
+    assert page["counts"] == {"products": len(products), "tagged": len(products)}
+    assert sum(c["products"] for c in page["categories"]) == len(products)
+    assert len(page["confidence"]) == dashboard.CONFIDENCE_BINS
+    assert sum(b["products"] for b in page["confidence"]) == len(products)
+    confidences = [p["confidence"] for p in page["low_confidence"]]
+    assert confidences == sorted(confidences) and len(confidences) == dashboard.LOW_CONFIDENCE_LIMIT
+
+
+def test_similar_products_are_nearest_by_embedding(seeded):
+    engine, products, version = seeded
+    product_id = int(products["id"].iloc[0])
+    truth = products.set_index("id")[PRIMARY_HEAD]
+    with dashboard.read_only(engine) as conn:
+        result = dashboard.similar_products(conn, product_id, version)
+        missing = dashboard.similar_products(conn, 10**12, version)
+
+    assert result["product"]["product_id"] == product_id
+    neighbours = result["neighbours"]
+    assert len(neighbours) == dashboard.SIMILAR_LIMIT and product_id not in {n["product_id"] for n in neighbours}
+    # synthetic embeddings cluster by true articleType: the nearest are the product's own type
+    siblings = min(int((truth == truth[product_id]).sum()) - 1, len(neighbours))
+    assert {truth[n["product_id"]] for n in neighbours[:siblings]} == {truth[product_id]}
+    assert [n["distance"] for n in neighbours] == sorted(n["distance"] for n in neighbours)
+    assert missing is None
+
+
+def test_read_only_connection_refuses_writes(seeded):
+    engine, _, _ = seeded
+    with pytest.raises(sa.exc.DBAPIError, match="read-only"):
+        with dashboard.read_only(engine) as conn:
+            conn.execute(sa.text("DELETE FROM tags"))
+
+
+def test_reports_of_other_shapes_are_read_defensively():
+    old_shape = {"test": {"fused": {PRIMARY_HEAD: {"accuracy": 0.9, "per_class": {
+        "Shirts": {"precision": 0.9, "recall": 0.8, "f1": 0.85, "support": 10},
+        "Belts": {"precision": 0.5, "recall": 0.4, "f1": 0.44, "support": 3},
+        "Empty": {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}}}}}}
+    listed_only = {"test": {"weak_spots": [{"label": "Ties", "f1": 0.3, "recall": 0.2, "support": 4}]}}
+
+    assert dashboard.head_scores(old_shape, PRIMARY_HEAD)["accuracy"] == 0.9
+    assert [s["label"] for s in dashboard.weak_spots(old_shape)] == ["Belts", "Shirts"]
+    assert [s["label"] for s in dashboard.weak_spots(listed_only)] == ["Ties"]
+    assert dashboard.weak_spots({}) == [] and dashboard.head_scores(None, PRIMARY_HEAD) == {}
+
+
+def test_artifact_files_are_read_from_the_local_artifact_dir_or_its_uri(tmp_path):
+    settings = get_settings(home=tmp_path / "home", object_store_url=(tmp_path / "store").as_uri())
+    elsewhere = tmp_path / "elsewhere" / "v9"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "report.md").write_text("found")
+
+    assert dashboard.read_artifact_file(settings, "v9", elsewhere.as_uri(), "report.md") == b"found"
+    assert dashboard.read_artifact_file(settings, "v9", str(elsewhere), "missing.png") is None
+
+
+def test_progress_logger_logs_batches_rate_and_eta(caplog):
+    now = [0.0]
+    progress = ProgressLogger(3000, "products", logging.getLogger("test.progress"), every_s=5, batches=3,
+                              clock=lambda: now[0])
+    with caplog.at_level(logging.INFO, logger="test.progress"):
+        for _ in range(3):
+            now[0] += 2.0
+            progress.update(1000)
+        progress.finish()
+
+    lines = [record.getMessage() for record in caplog.records]
+    assert lines[0] == "batch 1/3: 1000/3000 products (33.3%), 500.0 products/s, eta 4s"
+    assert lines[-1] == "batch 3/3: 3000/3000 products (100.0%), 500.0 products/s"
+    assert len(lines) == 2  # batches 2 and 3 came under every_s after batch 1; finish() logs the last

@@ -1,0 +1,164 @@
+"""The Catalog tagging page in a real Airflow api-server, driven by a real headless Chromium.
+
+Needs Debian's ``chromium`` and ``chromium-driver`` (/usr/bin/chromium, /usr/bin/chromedriver).
+Airflow's metadata goes to the system PostgreSQL on 127.0.0.1:5432 when it answers (a fresh
+database), else to the embedded test server; the catalog is a seeded database of the embedded
+server (real products, synthetic registry/runs/tags/embeddings); the object store is the shared
+data folder, read in place.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import tempfile
+import uuid
+from pathlib import Path
+
+import pytest
+import requests
+import sqlalchemy as sa
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support import expected_conditions
+from selenium.webdriver.support.ui import WebDriverWait
+
+from benchmarks.dashboard_latency import catalog_products, seed_synthetic_catalog
+from fashion_tagging import dashboard
+from fashion_tagging.db.engine import engine_for_url, ensure_database
+from fashion_tagging.settings import get_settings
+from tests.airflow_api_server import AirflowApiServer
+from tests.fixtures_services import drop_database, new_database
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+SYSTEM_POSTGRES = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
+SCREENSHOT = Path(__file__).resolve().parent / "artifacts" / "catalog_tagging_page.png"
+WAIT_S = 60
+SEEDED_PRODUCTS = 200
+PAGE_PATH = "/catalog-tagging/"
+
+pytestmark = pytest.mark.skipif(not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()),
+                                reason="needs Debian's chromium and chromium-driver")
+
+
+@pytest.fixture(scope="module")
+def seeded_catalog(postgres_url, tmp_path_factory):
+    """(database URL, FT_HOME, products, production version) of a seeded catalog."""
+    home = tmp_path_factory.mktemp("ft_home")
+    url = new_database(postgres_url)
+    products = catalog_products(get_settings().data_dir, SEEDED_PRODUCTS)
+    version = seed_synthetic_catalog(engine_for_url(url), products, home / "models")
+    yield url, home, products, version
+    drop_database(postgres_url, url)
+
+
+@pytest.fixture(scope="module")
+def airflow_metadata_url(postgres_url):
+    server = SYSTEM_POSTGRES if _answers("127.0.0.1", 5432) else postgres_url
+    url = ensure_database(server, f"airflow_ui_{uuid.uuid4().hex[:10]}")
+    yield url
+    drop_database(server, url)
+
+
+@pytest.fixture(scope="module")
+def airflow(seeded_catalog, airflow_metadata_url, tmp_path_factory):
+    catalog_url, home, _, _ = seeded_catalog
+    env = {"FT_DATABASE_URL": catalog_url, "FT_HOME": str(home),
+           "FT_OBJECT_STORE_URL": get_settings().data_dir.as_uri()}
+    with AirflowApiServer(tmp_path_factory.mktemp("airflow_home"), airflow_metadata_url, env) as server:
+        yield server
+
+
+@pytest.fixture
+def browser():
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1440,3800"):
+        options.add_argument(flag)
+    profile = tempfile.mkdtemp(prefix="chromium-profile-")
+    options.add_argument(f"--user-data-dir={profile}")
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()
+    shutil.rmtree(profile, ignore_errors=True)
+
+
+def test_anonymous_requests_get_no_catalog_data(airflow, seeded_catalog):
+    _, _, products, version = seeded_catalog
+    product_id = int(products["id"].iloc[0])
+    paths = ["", f"similar?product_id={product_id}", f"thumbnail/{product_id}", f"confusion/{version}.png"]
+    for path in paths:
+        for cookies in ({}, {"_token": "not-a-valid-jwt"}):
+            response = requests.get(f"{airflow.base_url}{PAGE_PATH}{path}", cookies=cookies, timeout=30)
+            assert response.status_code in (401, 403), (path, cookies, response.status_code)
+            assert version not in response.text and products["productDisplayName"].iloc[0] not in response.text
+
+
+def test_catalog_page_in_the_airflow_ui(airflow, seeded_catalog, browser):
+    _, _, products, version = seeded_catalog
+    wait = WebDriverWait(browser, WAIT_S)
+    _log_in(browser, wait, airflow)
+
+    wait.until(expected_conditions.element_to_be_clickable(
+        (By.XPATH, "//a[contains(@href, 'plugin/catalog-tagging')]"))).click()
+    wait.until(expected_conditions.frame_to_be_available_and_switch_to_it((By.TAG_NAME, "iframe")))
+    wait.until(expected_conditions.presence_of_element_located((By.ID, "registry-table")))
+
+    rows = browser.find_elements(By.CSS_SELECTOR, "#registry-table tbody tr")
+    assert [row.get_attribute("data-version") for row in rows] == ["v003", "v002", "v001"]
+    assert "production" in rows[0].text and "92.7%" in rows[0].text
+    assert browser.find_element(By.ID, "production-version").text == version
+
+    accuracy_chart = browser.find_element(By.CSS_SELECTOR, "svg[data-chart=accuracy]")
+    assert len(accuracy_chart.find_elements(By.CSS_SELECTOR, "polyline.series")) == 3
+    assert "baseline 91%" in accuracy_chart.text
+    for chart in ("runs-tagged", "runs-errors", "runs-throughput", "categories", "confidence"):
+        assert browser.find_elements(By.CSS_SELECTOR, f"svg[data-chart={chart}] rect.bar"), chart
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#runs-table tbody tr")) == 12
+    assert browser.find_elements(By.CSS_SELECTOR, "#weak-spots tbody tr")
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#low-confidence .card")) == dashboard.LOW_CONFIDENCE_LIMIT
+    _wait_images_loaded(browser, wait, "#confusion-image, #low-confidence img")
+
+    product_id = int(products["id"].iloc[0])
+    field = browser.find_element(By.ID, "similar-product-id")
+    field.send_keys(str(product_id))
+    browser.find_element(By.CSS_SELECTOR, "#similar-form button[type=submit]").click()
+    wait.until(lambda driver: len(driver.find_elements(By.CSS_SELECTOR, ".similar-neighbours .card"))
+               == dashboard.SIMILAR_LIMIT)
+    query_card = browser.find_element(By.CSS_SELECTOR, ".similar-query .card")
+    assert query_card.get_attribute("data-product-id") == str(product_id)
+    _wait_images_loaded(browser, wait, "#similar-results img")
+
+    browser.switch_to.default_content()
+    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+    browser.save_screenshot(str(SCREENSHOT))
+
+
+def _log_in(browser, wait, airflow: AirflowApiServer) -> None:
+    """Through the simple auth manager's login form, as a person would."""
+    user, (_, password) = next(iter(airflow.users.items()))
+    browser.get(airflow.base_url + "/")
+    wait.until(expected_conditions.presence_of_element_located((By.NAME, "username"))).send_keys(user)
+    browser.find_element(By.NAME, "password").send_keys(password)
+    browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    wait.until(lambda driver: driver.get_cookie("_token") is not None)
+
+
+def _wait_images_loaded(browser, wait, selector: str) -> None:
+    """Every matching <img> decoded (thumbnails and the confusion PNG came through the plugin)."""
+    script = ("return Array.from(document.querySelectorAll(arguments[0]))"
+              ".every(img => img.complete && img.naturalWidth > 0);")
+    browser.execute_script("document.querySelectorAll(arguments[0]).forEach(img => img.loading = 'eager');", selector)
+    wait.until(lambda driver: driver.execute_script(script, selector))
+
+
+def _answers(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return True
+    except OSError:
+        return False

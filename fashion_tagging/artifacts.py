@@ -119,7 +119,7 @@ class Tagger:
         for start in range(0, len(rows), batch_size):
             chunk = rows[start:start + batch_size]
             pixels = np.stack([to_model_size(images[i], self.image_size) for i in chunk]).astype(np.float32)
-            vectors[chunk] = np.asarray(self.backbone(pixels, training=False), dtype=np.float32)
+            vectors[chunk] = np.asarray(self.backbone.predict_on_batch(pixels), dtype=np.float32)
         return vectors, present
 
     def predict(self, images: Sequence[np.ndarray | None], texts: Sequence[str], *, batch_size: int = 128,

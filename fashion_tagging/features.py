@@ -44,7 +44,7 @@ def embed_image_files(paths: list[str], backbone, image_size: int, batch_size: i
     dataset = file_image_dataset(paths, image_size, batch_size)
     with tqdm(total=len(paths), unit="img", desc="image embeddings", disable=not progress) as bar:
         for indices, images in dataset:
-            batch = backbone(images, training=False)
+            batch = backbone.predict_on_batch(images)
             idx = indices.numpy()
             vectors[idx] = np.asarray(batch, dtype=np.float32)
             ok[idx] = True

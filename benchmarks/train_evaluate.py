@@ -1,0 +1,76 @@
+"""Issue 2's numbers: full train + evaluate on the real catalog, wall time and peak memory.
+
+Runs ``fashion-tagging train`` in a child process (so its peak RSS is measured alone) with a
+state directory of its own: ``--cold`` starts with no embedding cache (the backbone embeds every
+photo), the default reuses the cache in that directory. Prints a table and writes JSON.
+
+    .venv/bin/python benchmarks/train_evaluate.py --home /tmp/ft-bench --cold
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results" / "train_evaluate.json"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--home", default=str(ROOT / ".fashion-tagging"), help="FT_HOME for the run")
+    parser.add_argument("--cold", action="store_true", help="delete the embedding cache first")
+    parser.add_argument("--epochs", type=int)
+    args = parser.parse_args()
+
+    home = Path(args.home)
+    if args.cold:
+        shutil.rmtree(home / "cache" / "embeddings", ignore_errors=True)
+    env = dict(os.environ, FT_HOME=str(home))
+    command = [str(ROOT / ".venv/bin/fashion-tagging"), "train"]
+    if args.epochs:
+        command += ["--epochs", str(args.epochs)]
+    started = time.perf_counter()
+    completed = subprocess.run(command, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if completed.returncode != 0:
+        print(completed.stderr[-4000:], file=sys.stderr)
+        return completed.returncode
+    summary = json.loads(completed.stdout.strip().splitlines()[-1])
+    metrics = json.loads((home / "models" / summary["version"] / "metrics.json").read_text())["test"]
+    config = json.loads((home / "models" / summary["version"] / "config.json").read_text())
+    peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    modes = metrics["modes"]
+    result = {
+        "version": summary["version"], "cold_cache": args.cold, "cpu_count": os.cpu_count(),
+        "wall_seconds": round(wall, 1), "timings": config["timings"], "epochs_run": config["epochs_run"],
+        "evaluate_seconds": summary["evaluate_seconds"], "peak_rss_mib": round(peak_mib, 1),
+        "test_products": metrics["products"], "baseline": metrics["baseline"],
+        "article_type": {mode: {k: modes[mode]["articleType"][k] for k in ("accuracy", "macro_f1")} for mode in modes},
+        "other_heads_fused": {h: modes["fused"][h]["accuracy"] for h in modes["fused"] if h != "articleType"},
+        "accuracy_without_image": metrics["accuracy_without_image"],
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=1))
+    print(f"| figure | value |\n| --- | --- |")
+    print(f"| wall time train+evaluate ({'cold' if args.cold else 'warm'} embedding cache) | {wall / 60:.1f} min |")
+    print(f"| of which image embedding / fit / evaluate | {config['timings']['embedding_seconds']:.0f} s / "
+          f"{config['timings']['fit_seconds']:.0f} s / {summary['evaluate_seconds']:.0f} s |")
+    print(f"| peak RSS | {peak_mib / 1024:.2f} GiB |")
+    for mode, scores in result["article_type"].items():
+        print(f"| articleType {mode}: accuracy / macro-F1 | {scores['accuracy']:.4f} / {scores['macro_f1']:.4f} |")
+    for head, accuracy in result["other_heads_fused"].items():
+        print(f"| {head} accuracy (fused) | {accuracy:.4f} |")
+    print(f"\nwrote {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fashion_tagging.artifacts import Tagger
+from fashion_tagging.artifacts import FINE_TUNED_BACKBONE_FILE, Tagger
 from fashion_tagging.catalog import load_kaggle_catalog
 from fashion_tagging.features import catalog_image_embeddings
 from fashion_tagging.settings import PRIMARY_HEAD, Settings
@@ -122,10 +122,13 @@ def evaluate(artifact_dir: str | Path, settings: Settings, *, split: str = "test
     rows = products[products["split"] == split].reset_index(drop=True)
     if rows.empty:
         raise ValueError(f"no products in split {split!r}")
+    fine_tuned = (artifact_dir / FINE_TUNED_BACKBONE_FILE).is_file()
     embeddings = catalog_image_embeddings(
         rows["id"], rows["image_path"].tolist(), backbone_name=tagger.backbone_name, image_size=tagger.image_size,
-        cache_dir=settings.cache_dir, batch_size=settings.inference_batch_size, progress=progress,
-        backbone=tagger.backbone if (artifact_dir / "backbone.weights.h5").is_file() else None,
+        # A fine-tuned backbone's embeddings belong to that model alone, never to the shared cache.
+        cache_dir=artifact_dir / "cache" if fine_tuned else settings.cache_dir,
+        batch_size=settings.inference_batch_size, progress=progress,
+        backbone=tagger.backbone if fine_tuned else None,
     )
     texts = rows["text"].fillna("").tolist()
     modes, predictions = {}, {}

@@ -53,6 +53,7 @@ class Settings:
     batch_size: int = dataclasses.field(default_factory=lambda: int(_env("BATCH_SIZE", "64")))
     learning_rate: float = dataclasses.field(default_factory=lambda: float(_env("LEARNING_RATE", "1e-3")))
     seed: int = dataclasses.field(default_factory=lambda: int(_env("SEED", "42")))
+    fine_tune_epochs: int = dataclasses.field(default_factory=lambda: int(_env("FINE_TUNE_EPOCHS", "2")))
     # A class needs this many training products to get its own output; rarer ones are merged
     # into "Other" (per head) so the model never emits a label it could not learn.
     min_class_count: int = dataclasses.field(default_factory=lambda: int(_env("MIN_CLASS_COUNT", "3")))

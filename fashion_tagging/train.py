@@ -19,7 +19,9 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
+from fashion_tagging.artifacts import FINE_TUNED_BACKBONE_FILE
 from fashion_tagging.catalog import load_kaggle_catalog
+from fashion_tagging.images import decode_tensor, resize_and_pad
 from fashion_tagging.features import catalog_image_embeddings
 from fashion_tagging.model import LabelMap, TextEncoder, build_head_model, compile_head_model, save_encoders
 from fashion_tagging.settings import HEADS, PRIMARY_HEAD, Settings
@@ -28,6 +30,8 @@ log = logging.getLogger(__name__)
 DROP_IMAGE_PROBABILITY = 0.25
 DROP_TEXT_PROBABILITY = 0.25
 EARLY_STOPPING_PATIENCE = 3
+FINE_TUNE_LEARNING_RATE = 1e-4
+FINE_TUNE_TRAINABLE_FRACTION = 0.3  # unfreeze the top 30 % of backbone layers (BatchNorm stays frozen)
 
 
 @dataclasses.dataclass
@@ -97,6 +101,7 @@ def train(
     epochs: int | None = None,
     output_dir: Path | None = None,
     progress: bool = True,
+    fine_tune: bool = False,
 ) -> TrainResult:
     """Fit encoders and the head model on the ``train`` split, early-stopped on ``val``; save an artifact."""
     started = time.perf_counter()
@@ -140,18 +145,25 @@ def train(
     history = trainable.fit(train_data, validation_data=val_data, epochs=epochs or settings.epochs,
                         callbacks=callbacks, verbose=2 if progress else 0)
     fit_seconds = time.perf_counter() - t0
+    backbone = None
+    if fine_tune:
+        t0 = time.perf_counter()
+        backbone = fine_tune_backbone(settings, model, text, label_maps, train_rows, val_rows, progress=progress)
+        fit_seconds += time.perf_counter() - t0
 
     version = new_version(settings.backbone)
     artifact_dir = Path(output_dir or settings.artifacts_dir) / version
     artifact_dir.mkdir(parents=True, exist_ok=False)
     model.save(artifact_dir / "model.keras")
+    if backbone is not None:
+        backbone.save_weights(artifact_dir / FINE_TUNED_BACKBONE_FILE)
     save_encoders(artifact_dir, text, label_maps)
     history_dict = {k: [float(v) for v in values] for k, values in history.history.items()}
     timings = {"embedding_seconds": round(embedding_seconds, 1), "fit_seconds": round(fit_seconds, 1),
                "train_seconds": round(time.perf_counter() - started, 1)}
     config = {
         "version": version, "backbone": settings.backbone, "image_size": settings.image_size,
-        "fine_tuned": False, "max_text_tokens": settings.max_text_tokens,
+        "fine_tuned": fine_tune, "max_text_tokens": settings.max_text_tokens,
         "vocabulary_size": settings.vocabulary_size, "heads": list(HEADS), "primary_head": PRIMARY_HEAD,
         "epochs_run": len(history_dict.get("loss", [])), "batch_size": settings.batch_size,
         "learning_rate": settings.learning_rate, "seed": settings.seed, "min_class_count": settings.min_class_count,
@@ -164,3 +176,61 @@ def train(
     (artifact_dir / "history.json").write_text(json.dumps(history_dict, indent=1))
     log.info("trained %s in %.0fs -> %s", version, timings["train_seconds"], artifact_dir)
     return TrainResult(artifact_dir, version, history_dict, timings)
+
+
+def _pixel_dataset(rows: pd.DataFrame, text: TextEncoder, label_maps: dict, *, size: int, batch_size: int,
+                   training: bool, seed: int) -> tf.data.Dataset:
+    """(pixels + text inputs, labels, weights) from image files, with flips/brightness when training."""
+    paths = [p if isinstance(p, str) and p else "" for p in rows["image_path"]]
+    has_text = rows["text"].fillna("").str.strip().ne("").to_numpy()
+    inputs = {"path": np.array(paths), "has_image": np.array([bool(p) for p in paths], np.float32).reshape(-1, 1),
+              "tokens": text.encode(rows["text"].tolist()), "has_text": has_text.astype(np.float32).reshape(-1, 1)}
+    labels = {head: label_maps[head].encode(rows[head]) for head in label_maps}
+    targets = {head: np.maximum(v, 0) for head, v in labels.items()}
+    weights = {head: (v >= 0).astype(np.float32) for head, v in labels.items()}
+
+    def load(x, y, w):
+        path = x.pop("path")
+        blank = tf.fill([size, size, 3], 255.0)
+        pixels = tf.cond(tf.strings.length(path) > 0,
+                         lambda: resize_and_pad(decode_tensor(tf.io.read_file(path)), size), lambda: blank)
+        if training:
+            pixels = tf.image.random_flip_left_right(pixels, seed=seed)
+            pixels = tf.clip_by_value(tf.image.random_brightness(pixels, 20.0, seed=seed), 0.0, 255.0)
+        x["pixels"] = pixels
+        return x, y, w
+
+    dataset = tf.data.Dataset.from_tensor_slices((inputs, targets, weights))
+    if training:
+        dataset = dataset.shuffle(len(rows), seed=seed)
+    return dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors().batch(batch_size).prefetch(2)
+
+
+def fine_tune_backbone(settings: Settings, head_model: keras.Model, text: TextEncoder, label_maps: dict,
+                       train_rows: pd.DataFrame, val_rows: pd.DataFrame, *, progress: bool) -> keras.Model:
+    """End-to-end fine-tuning of the backbone's top layers with the trained head (a GPU job).
+
+    Starts from the head trained on frozen embeddings, so the new backbone layers get useful
+    gradients from the first step; the learning rate is 10x lower than the head's.
+    """
+    from fashion_tagging.backbones import build_backbone
+
+    backbone = build_backbone(settings.backbone, settings.image_size)
+    first_trainable = int(len(backbone.layers) * (1 - FINE_TUNE_TRAINABLE_FRACTION))
+    for i, layer in enumerate(backbone.layers):
+        layer.trainable = i >= first_trainable and not isinstance(layer, keras.layers.BatchNormalization)
+    pixels = keras.Input((settings.image_size, settings.image_size, 3), name="pixels")
+    has_image = keras.Input((1,), name="has_image")
+    tokens = keras.Input((settings.max_text_tokens,), dtype="int64", name="tokens")
+    has_text = keras.Input((1,), name="has_text")
+    outputs = head_model({"image_embedding": backbone(pixels, training=False), "has_image": has_image,
+                          "tokens": tokens, "has_text": has_text})
+    composite = keras.Model({"pixels": pixels, "has_image": has_image, "tokens": tokens, "has_text": has_text},
+                            {head: outputs[head] for head in label_maps})
+    compile_head_model(composite, tuple(label_maps), FINE_TUNE_LEARNING_RATE)
+    common = dict(text=text, label_maps=label_maps, size=settings.image_size, seed=settings.seed)
+    composite.fit(_pixel_dataset(train_rows, batch_size=settings.batch_size, training=True, **common),
+                  validation_data=_pixel_dataset(val_rows, batch_size=settings.inference_batch_size,
+                                                 training=False, **common),
+                  epochs=settings.fine_tune_epochs, verbose=2 if progress else 0)
+    return backbone

@@ -70,3 +70,20 @@ def test_decode_image_rejects_corrupt_bytes_clearly():
     image = decode_image((DATA_DIR / "images" / "15970.jpg").read_bytes(), 64)
     assert image.shape == (64, 64, 3) and image.dtype == np.uint8
     assert (image[:, 0] == 255).all()  # portrait photo: white padding left and right
+
+
+def test_fine_tuned_backbone_travels_with_the_artifact(tiny_settings_factory):
+    from fashion_tagging.backbones import build_backbone
+    from fashion_tagging.catalog import load_kaggle_catalog
+    from fashion_tagging.train import train
+
+    settings = tiny_settings_factory(epochs=1, fine_tune_epochs=1, image_size=32)
+    products = load_kaggle_catalog(settings.data_dir).products.groupby("split").head(40).reset_index(drop=True)
+    result = train(settings, products=products, progress=False, fine_tune=True)
+    assert (result.artifact_dir / "backbone.weights.h5").is_file()
+    tagger = Tagger.load(result.artifact_dir)
+    assert tagger.config["fine_tuned"] is True
+    image = np.full((80, 60, 3), 200, np.uint8)
+    tuned, _ = tagger.image_embeddings([image])
+    pretrained = np.asarray(build_backbone(settings.backbone, 32).predict_on_batch(np.full((1, 32, 32, 3), 200.0)))
+    assert not np.allclose(tuned, pretrained, atol=1e-6)  # the fine-tuned weights, not the ImageNet ones

@@ -16,6 +16,7 @@ from urllib.parse import unquote, urlparse
 import sqlalchemy as sa
 
 from fashion_tagging.db import repository
+from fashion_tagging.objectstore import ObjectNotFound, open_uri
 from fashion_tagging.settings import HEADS, PRIMARY_HEAD, Settings
 
 EVALUATION_MODES = ("fused", "image_only", "text_only")
@@ -59,8 +60,8 @@ def model_registry(conn: sa.Connection) -> list[dict]:
     rows = conn.execute(sa.text("""
         SELECT version, backbone, image_size, fine_tuned, status, gate_reason, created_at, promoted_at,
                article_type_accuracy, metrics
-        FROM (SELECT * FROM model_versions ORDER BY created_at DESC LIMIT :limit) AS latest
-        ORDER BY created_at
+        FROM (SELECT * FROM model_versions ORDER BY created_at DESC, version DESC LIMIT :limit) AS latest
+        ORDER BY created_at, version
     """), {"limit": REGISTRY_LIMIT}).mappings()
     return [_registry_entry(row) for row in rows]
 
@@ -76,7 +77,6 @@ def _registry_entry(row) -> dict:
         mode: accuracy[PRIMARY_HEAD] if mode == "fused" else head_scores(metrics, PRIMARY_HEAD, mode).get("accuracy")
         for mode in EVALUATION_MODES
     }
-    entry["evaluated"] = bool(evaluation_modes(metrics))
     return entry
 
 
@@ -85,7 +85,7 @@ def latest_evaluation(conn: sa.Connection) -> dict | None:
     row = conn.execute(sa.text("""
         SELECT version, status, metrics FROM model_versions
         WHERE metrics -> 'test' IS NOT NULL OR metrics -> 'val' IS NOT NULL
-        ORDER BY created_at DESC LIMIT 1
+        ORDER BY created_at DESC, version DESC LIMIT 1
     """)).mappings().first()
     if row is None:
         return None
@@ -119,37 +119,20 @@ def artifact_uri(conn: sa.Connection, version: str) -> str | None:
 
 
 def read_artifact_file(settings: Settings, version: str, uri: str | None, name: str) -> bytes | None:
-    """A file of a model artifact: the local artifacts dir first, then ``uri`` (local path or object store)."""
-    for directory in _local_artifact_dirs(settings, version, uri):
-        path = directory / name
-        if path.is_file():
-            return path.read_bytes()
-    if uri and "://" in uri and not uri.startswith("file://"):
-        return _read_from_store(settings, uri.rstrip("/") + "/" + name)
-    return None
-
-
-def _local_artifact_dirs(settings: Settings, version: str, uri: str | None) -> list[Path]:
-    directories = [settings.artifacts_dir / version]
-    if uri and uri.startswith("file://"):
-        directories.append(Path(unquote(urlparse(uri).path)))
-    elif uri and "://" not in uri:
-        directories.append(Path(uri))
-    return directories
-
-
-def _read_from_store(settings: Settings, object_uri: str) -> bytes | None:
-    """Read an object by absolute URI when it lies inside the configured store."""
-    from fashion_tagging.objectstore import ObjectNotFound, open_store
-
-    store = open_store(settings.resolved_object_store_url)
-    prefix = store.url.rstrip("/") + "/"
-    if not object_uri.startswith(prefix):
+    """A file of a model artifact: the local copy under the artifacts dir, else where ``uri`` points."""
+    local = settings.artifacts_dir / version / name
+    if local.is_file():
+        return local.read_bytes()
+    if not uri:
         return None
-    try:
-        return store.get(object_uri[len(prefix):])
-    except ObjectNotFound:
-        return None
+    if uri.startswith("s3://"):
+        store, prefix = open_uri(uri, endpoint_url=settings.s3_endpoint_url)
+        try:
+            return store.get(f"{prefix}/{name}")
+        except ObjectNotFound:
+            return None
+    path = (Path(unquote(urlparse(uri).path)) if uri.startswith("file://") else Path(uri)) / name
+    return path.read_bytes() if path.is_file() else None
 
 
 # --- tagging runs and predictions --------------------------------------------------------------
@@ -160,8 +143,8 @@ def recent_runs(conn: sa.Connection, limit: int = RUNS_LIMIT) -> list[dict]:
     rows = conn.execute(sa.text("""
         SELECT run_id, model_version, status, started_at, finished_at, products_seen, products_tagged,
                errors, batches, seconds, products_per_second
-        FROM (SELECT * FROM tagging_runs ORDER BY started_at DESC LIMIT :limit) AS latest
-        ORDER BY started_at
+        FROM (SELECT * FROM tagging_runs ORDER BY started_at DESC, run_id DESC LIMIT :limit) AS latest
+        ORDER BY started_at, run_id
     """), {"limit": limit}).mappings()
     return [dict(row) for row in rows]
 
@@ -171,7 +154,7 @@ def displayed_version(conn: sa.Connection) -> str | None:
     return conn.execute(sa.text("""
         SELECT mv.version FROM model_versions mv
         WHERE EXISTS (SELECT 1 FROM tags t WHERE t.model_version = mv.version)
-        ORDER BY (mv.status = 'production') DESC, mv.created_at DESC
+        ORDER BY (mv.status = 'production') DESC, mv.created_at DESC, mv.version DESC
         LIMIT 1
     """)).scalar()
 

@@ -21,7 +21,8 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from fashion_tagging import dashboard
 from fashion_tagging.db.engine import get_engine
-from fashion_tagging.objectstore import ObjectNotFound, open_store
+from fashion_tagging.objectstore import ObjectNotFound
+from fashion_tagging.pipeline import object_store
 from fashion_tagging.settings import HEADS, PRIMARY_HEAD, get_settings
 
 URL_PREFIX = "/catalog-tagging"
@@ -43,7 +44,7 @@ def _settings():
 
 @functools.cache
 def _store():
-    return open_store(_settings().resolved_object_store_url)
+    return object_store(_settings())
 
 
 def _catalog():

@@ -93,13 +93,17 @@ def test_reports_of_other_shapes_are_read_defensively():
     assert dashboard.weak_spots({}) == [] and dashboard.head_scores(None, PRIMARY_HEAD) == {}
 
 
-def test_artifact_files_are_read_from_the_local_artifact_dir_or_its_uri(tmp_path):
-    settings = get_settings(home=tmp_path / "home", object_store_url=(tmp_path / "store").as_uri())
+def test_artifact_files_are_read_from_the_local_dir_a_path_or_s3(tmp_path, s3_store, s3_endpoint):
+    settings = get_settings(home=tmp_path / "home", s3_endpoint_url=s3_endpoint)
     elsewhere = tmp_path / "elsewhere" / "v9"
     elsewhere.mkdir(parents=True)
-    (elsewhere / "report.md").write_text("found")
+    (elsewhere / "report.md").write_text("on disk")
+    s3_store.put("models/v9/report.md", b"in s3")
+    s3_uri = s3_store.uri("models/v9")
 
-    assert dashboard.read_artifact_file(settings, "v9", elsewhere.as_uri(), "report.md") == b"found"
+    assert dashboard.read_artifact_file(settings, "v9", elsewhere.as_uri(), "report.md") == b"on disk"
+    assert dashboard.read_artifact_file(settings, "v9", s3_uri, "report.md") == b"in s3"
+    assert dashboard.read_artifact_file(settings, "v9", s3_uri, "missing.png") is None
     assert dashboard.read_artifact_file(settings, "v9", str(elsewhere), "missing.png") is None
 
 

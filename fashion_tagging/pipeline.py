@@ -61,16 +61,14 @@ def _now_iso() -> str:
 
 
 def ingest_new_manifests(settings: Settings, run_id: str) -> dict:
-    """Upsert the products of manifests not ingested before (bad rows are recorded under ``run_id``)."""
-    import sqlalchemy as sa
+    """Upsert the products of manifests new or rewritten since the last ingest (the manifest ledger).
 
-    from fashion_tagging.db.schema import products
+    Bad rows are recorded under ``run_id``.
+    """
     from fashion_tagging.ingest import load_catalog_into_db
 
     with catalog_engine(settings).begin() as conn:
-        done = set(conn.execute(sa.select(products.c.source).distinct()).scalars())
-        sync = load_catalog_into_db(conn, object_store(settings), prefix=settings.catalog_prefix, run_id=run_id,
-                                    since_keys=done)
+        sync = load_catalog_into_db(conn, object_store(settings), prefix=settings.catalog_prefix, run_id=run_id)
     return {"manifests": sync.manifest_keys, "products_read": sync.products_read,
             "products_written": sync.products_written, "row_errors": len(sync.errors)}
 
@@ -416,18 +414,24 @@ def latest_run(database: Path, dag_id: str) -> dict:
         if row is None:
             return {"dag_id": dag_id, "state": None, "tasks": {}, "xcom": {}}
         run_id, state = row
-        tasks = conn.execute("SELECT task_id, map_index, state FROM task_instance WHERE dag_id = ? AND run_id = ?",
-                             (dag_id, run_id)).fetchall()
+        tasks = conn.execute("SELECT task_id, map_index, state, duration FROM task_instance "
+                             "WHERE dag_id = ? AND run_id = ?", (dag_id, run_id)).fetchall()
         xcoms = conn.execute("SELECT task_id, map_index, value FROM xcom WHERE dag_id = ? AND run_id = ? "
                              "AND key = 'return_value'", (dag_id, run_id)).fetchall()
-    task_states: dict[str, list] = {}
-    for task_id, map_index, task_state in sorted(tasks, key=lambda t: (t[0], t[1])):
-        task_states.setdefault(task_id, []).append(task_state)
-    values: dict[str, list] = {}
-    for task_id, map_index, value in sorted(xcoms, key=lambda x: (x[0], x[1])):
-        values.setdefault(task_id, []).append(json.loads(value) if value is not None else None)
     return {
         "dag_id": dag_id, "run_id": run_id, "state": state,
-        "tasks": {k: v[0] if len(v) == 1 else v for k, v in task_states.items()},
-        "xcom": {k: v[0] if len(v) == 1 else v for k, v in values.items()},
+        "tasks": _by_task((task_id, map_index, task_state) for task_id, map_index, task_state, _ in tasks),
+        "task_seconds": {task_id: round(sum(d or 0.0 for t, _, _, d in tasks if t == task_id), 2)
+                         for task_id in {t[0] for t in tasks}},
+        "xcom": _by_task((task_id, map_index, json.loads(value) if value is not None else None)
+                         for task_id, map_index, value in xcoms),
     }
+
+
+def _by_task(rows) -> dict:
+    """{task_id: value} for plain tasks, {task_id: [value per map index]} for mapped ones."""
+    grouped: dict[str, dict[int, object]] = {}
+    for task_id, map_index, value in rows:
+        grouped.setdefault(task_id, {})[map_index] = value
+    return {task_id: [v for _, v in sorted(by_index.items())] if min(by_index) >= 0 else by_index[-1]
+            for task_id, by_index in grouped.items()}

@@ -1,0 +1,135 @@
+"""Both DAGs end to end with ``dag.test()`` (``airflow dags test``) on a real slice of the catalog.
+
+Real parts: embedded PostgreSQL + pgvector (catalog DB), the S3 protocol (moto's server) as the
+object store, a SQLite Airflow metadata DB, real training at a small image size. Order: the retrain
+DAG (rejected at the real 0.91 baseline, then promoted with the gate's baseline lowered, since a
+300-product model cannot reach 0.91), then the tagging DAG: tags land once, a second night finds
+nothing new, and re-tagging changed products updates rows instead of duplicating them.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import sqlalchemy as sa
+
+from fashion_tagging import pipeline
+from fashion_tagging.db.engine import engine_for_url
+from fashion_tagging.objectstore import S3Store
+from fashion_tagging.settings import BASELINE_ACCURACY
+from tests.fixtures_data import DATA_DIR, slice_ids
+from tests.fixtures_model import tiny_settings
+from tests.fixtures_services import drop_database, new_database
+
+pytestmark = pytest.mark.slow
+
+RETRAIN_CONF = {"epochs": 2, "image_size": 64, "backbone": "efficientnet-lite0", "fine_tune": False}
+NEW_PRODUCTS = 20  # a second manifest arriving after the first tagging run
+
+
+@pytest.fixture(scope="module")
+def world(postgres_url, s3_endpoint, kaggle_slice_dir, ft_home):
+    """Catalog DB + bucket holding the slice's manifest and photos, and settings pointing at them."""
+    from fashion_tagging.ingest import import_kaggle_catalog
+
+    db_url = new_database(postgres_url, prefix="dags")
+    bucket = "dags-e2e"
+    store = S3Store(bucket, endpoint_url=s3_endpoint)
+    store.client.create_bucket(Bucket=bucket)
+    settings = tiny_settings(ft_home, kaggle_slice_dir, database_url=db_url, object_store_url=f"s3://{bucket}/",
+                             s3_endpoint_url=s3_endpoint, tagging_batch_size=100,
+                             baseline_accuracy=BASELINE_ACCURACY)
+    import_kaggle_catalog(kaggle_slice_dir, store)
+    yield {"settings": settings, "engine": engine_for_url(db_url), "store": store}
+    drop_database(postgres_url, db_url)
+
+
+def count(engine, sql: str, **params) -> int:
+    with engine.connect() as conn:
+        return conn.execute(sa.text(sql), params).scalar_one()
+
+
+@pytest.fixture(scope="module")
+def rejected_run(world):
+    return pipeline.run_dag_locally("retrain_tagger", RETRAIN_CONF, settings=world["settings"])
+
+
+@pytest.fixture(scope="module")
+def promoted_run(world, rejected_run):
+    settings = pipeline.dataclasses.replace(world["settings"], baseline_accuracy=0.0)
+    return pipeline.run_dag_locally("retrain_tagger", RETRAIN_CONF, settings=settings)
+
+
+@pytest.fixture(scope="module")
+def first_tagging(world, promoted_run):
+    return pipeline.run_dag_locally("catalog_tagging", settings=world["settings"])
+
+
+def test_retrain_below_baseline_is_rejected_and_production_untouched(world, rejected_run):
+    assert rejected_run["state"] == "success", rejected_run.get("log_tail")
+    decision = rejected_run["xcom"]["gate"]
+    assert decision["promote"] is False and "below the baseline 0.9100" in decision["reason"]
+    assert decision["candidate_accuracy"] < BASELINE_ACCURACY
+    assert rejected_run["tasks"]["announce_promotion"] == "skipped"  # no "model promoted" asset event
+    with world["engine"].connect() as conn:
+        rows = conn.execute(sa.text("SELECT status, gate_reason FROM model_versions")).all()
+    assert [(status, reason) for status, reason in rows] == [("rejected", decision["reason"])]
+    snapshot = rejected_run["xcom"]["snapshot"]
+    assert snapshot["splits"]["train"] > snapshot["splits"]["test"] > 0
+
+
+def test_retrain_promotes_a_passing_candidate_and_emits_the_asset(world, promoted_run):
+    assert promoted_run["state"] == "success", promoted_run.get("log_tail")
+    decision = promoted_run["xcom"]["gate"]
+    assert decision["promote"] is True and decision["baseline"] == 0.0
+    assert promoted_run["tasks"]["announce_promotion"] == "success"
+    version = promoted_run["xcom"]["register"]["version"]
+    with world["engine"].connect() as conn:
+        production = conn.execute(sa.text(
+            "SELECT version, artifact_uri, metrics -> 'test' ->> 'split' FROM model_versions "
+            "WHERE status = 'production'")).one()
+    assert production[0] == version and production[1].startswith("s3://dags-e2e/models/")
+    assert production[2] == "test"
+    assert world["store"].exists(f"models/{version}/model.keras")
+
+
+def test_tagging_tags_every_product_once(world, first_tagging):
+    assert first_tagging["state"] == "success", first_tagging.get("log_tail")
+    engine = world["engine"]
+    products = count(engine, "SELECT count(*) FROM products")
+    summary = first_tagging["xcom"]["summarize"]
+    assert summary["batches"] == len(first_tagging["tasks"]["tag_batch"]) >= 2
+    # Every product has a title, so every one is tagged (the corrupt photo's from text, as an error).
+    assert count(engine, "SELECT count(*) FROM tags") == summary["products_tagged"] == products
+    assert summary["errors"] >= 1 and summary["products_per_second"] > 0
+    assert count(engine, "SELECT count(*) FROM tags") == count(engine, "SELECT count(DISTINCT product_id) FROM tags")
+    assert count(engine, "SELECT count(*) FROM embeddings") == count(engine, "SELECT count(*) FROM tags")
+    assert count(engine, "SELECT count(*) FROM tagging_runs WHERE status = 'success' AND products_tagged > 0") == 1
+
+
+def test_quiet_night_new_manifest_and_rerun_never_duplicate(world, first_tagging):
+    from fashion_tagging.ingest import import_kaggle_catalog
+
+    engine, settings = world["engine"], world["settings"]
+    tags_before = count(engine, "SELECT count(*) FROM tags")
+
+    quiet = pipeline.run_dag_locally("catalog_tagging", settings=settings)
+    assert quiet["state"] == "success"
+    assert quiet["tasks"]["anything_to_tag"] == "success"
+    assert quiet["tasks"]["summarize"] == "skipped" and quiet["xcom"]["discover"]["product_ids"] == []
+    assert count(engine, "SELECT count(*) FROM tags") == tags_before
+
+    known = set(slice_ids())
+    catalog_ids = pd.read_csv(DATA_DIR / "split.csv")["id"]
+    new_ids = [int(i) for i in catalog_ids if i not in known and (DATA_DIR / "images" / f"{i}.jpg").is_file()]
+    import_kaggle_catalog(DATA_DIR, world["store"], ids=new_ids[:NEW_PRODUCTS], batch_name="night-2")
+    with engine.begin() as conn:  # products changed since tagging must be re-tagged, not duplicated
+        conn.execute(sa.text("UPDATE products SET title = title || ' (new season)' WHERE product_id IN "
+                             "(SELECT product_id FROM tags ORDER BY product_id LIMIT 5)"))
+        conn.execute(sa.text("UPDATE products SET updated_at = now() + interval '1 second' WHERE title LIKE "
+                             "'%(new season)'"))
+    second = pipeline.run_dag_locally("catalog_tagging", settings=settings)
+    assert second["state"] == "success", second.get("log_tail")
+    assert second["xcom"]["summarize"]["products_tagged"] == NEW_PRODUCTS + 5
+    assert count(engine, "SELECT count(*) FROM tags") == tags_before + NEW_PRODUCTS
+    assert count(engine, "SELECT count(*) FROM tags") == count(engine, "SELECT count(DISTINCT product_id) FROM tags")

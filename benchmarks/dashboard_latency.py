@@ -128,11 +128,25 @@ def seed_synthetic_catalog(engine: sa.Engine, products: pd.DataFrame, artifacts_
             part = slice(begin, begin + WRITE_BATCH)
             repository.write_tags_and_embeddings(conn, production[0], "synthetic-run-0", ids[part],
                                                  _rows(predictions, part))
-    # a settled catalog (autovacuum has run): statistics and visibility map, as in production
-    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        conn.execute(sa.text("VACUUM ANALYZE"))
+    settle(engine)
     write_stand_in_confusion_png(artifacts_dir / production[0])
     return production[0]
+
+
+def settle(engine: sa.Engine, attempts: int = 20) -> None:
+    """VACUUM ANALYZE until the tags' visibility map is complete: a catalog autovacuum has caught up with.
+
+    A VACUUM racing an autovacuum snapshot taken before the bulk load cannot mark those pages yet,
+    so it is retried; the page's aggregates are then index-only scans, as in steady production.
+    """
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        for _ in range(attempts):
+            conn.execute(sa.text("VACUUM ANALYZE"))
+            visible, pages = conn.execute(sa.text(
+                "SELECT relallvisible, relpages FROM pg_class WHERE relname = 'tags'")).one()
+            if visible >= pages:
+                return
+            time.sleep(1)
 
 
 def _rows(predictions: SimpleNamespace, part: slice) -> SimpleNamespace:

@@ -55,7 +55,7 @@ class CatalogSync:
 
 def import_kaggle_catalog(data_dir: str | Path, store: ObjectStore, *, limit: int | None = None,
                           ids: Collection[int] | None = None, manifest_format: str = "parquet",
-                          batch_name: str | None = None) -> ImportSummary:
+                          batch_name: str | None = None, settings: Settings | None = None) -> ImportSummary:
     """Copy a Kaggle-layout folder (or a slice: ``ids`` / first ``limit`` rows) into ``store``.
 
     Re-running it duplicates nothing: photos already in the store are skipped and the manifest
@@ -63,7 +63,7 @@ def import_kaggle_catalog(data_dir: str | Path, store: ObjectStore, *, limit: in
     """
     if manifest_format not in MANIFEST_FORMATS:
         raise ValueError(f"manifest_format must be one of {sorted(MANIFEST_FORMATS)}, not {manifest_format!r}")
-    settings = get_settings()
+    settings = settings or get_settings()  # prefixes
     load = load_kaggle_catalog(data_dir)
     products = load.products
     if ids is not None:
@@ -103,7 +103,7 @@ def import_catalog(settings: Settings | None = None, data_dir: str | Path | None
     store = open_store(settings.resolved_object_store_url, endpoint_url=settings.s3_endpoint_url,
                        max_concurrency=settings.s3_max_concurrency)
     summary = import_kaggle_catalog(data_dir or settings.data_dir, store, limit=limit, ids=ids,
-                                    manifest_format=manifest_format, batch_name=batch_name)
+                                    manifest_format=manifest_format, batch_name=batch_name, settings=settings)
     report = {"run_id": run_id, "store": store.url, **dataclasses.asdict(summary), "errors": len(summary.errors)}
     if load_into_db:
         with migrate_database(settings).begin() as conn:

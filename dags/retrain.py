@@ -87,6 +87,7 @@ def retrain_tagger():
     @task(outlets=[MODEL_PROMOTED])
     def announce_promotion(registered: dict) -> dict:
         """Emitting the asset re-triggers catalog tagging with the new production model."""
+        get_current_context()["outlet_events"][MODEL_PROMOTED].extra = {"version": registered["version"]}
         log.info("Model %s is now in production.", registered["version"])
         return registered
 

@@ -170,8 +170,9 @@ def snapshot_training_data(settings: Settings) -> dict:
     return {"snapshot_key": key, "products": len(frame), "splits": splits, "ingested": ingested}
 
 
-def load_snapshot(settings: Settings, snapshot: dict, *, backbone: str, image_size: int, need_all_images: bool):
-    """The snapshot as the catalog frame train/evaluate expect, with local image files.
+def load_snapshot(settings: Settings, snapshot: dict, splits: tuple[str, ...], *, backbone: str, image_size: int,
+                  need_all_images: bool):
+    """The snapshot's rows in ``splits`` as the catalog frame train/evaluate expect, with local image files.
 
     Images whose embedding is already cached for (backbone, image size) are not downloaded: the
     frozen backbone's output for them cannot have changed.
@@ -183,6 +184,7 @@ def load_snapshot(settings: Settings, snapshot: dict, *, backbone: str, image_si
     from fashion_tagging.catalog import clean_html, product_text
 
     frame = pd.read_parquet(io.BytesIO(object_store(settings).get(snapshot["snapshot_key"])))
+    frame = frame[frame["split"].isin(splits)].reset_index(drop=True)
     for head in HEADS:
         frame[head] = frame[head].fillna("").astype(str).str.strip()
     frame["description"] = frame["description"].map(clean_html)
@@ -236,10 +238,9 @@ def train_model(settings: Settings, params: dict, snapshot: dict) -> dict:
 
     settings = candidate_settings(settings, params)
     fine_tune = bool(params.get("fine_tune", False))
-    frame = load_snapshot(settings, snapshot, backbone=settings.backbone, image_size=settings.image_size,
-                          need_all_images=fine_tune)
-    extra = {"fine_tune": True} if fine_tune else {}
-    result = train(settings, products=frame, epochs=settings.epochs, progress=False, **extra)
+    frame = load_snapshot(settings, snapshot, ("train", "val"), backbone=settings.backbone,
+                          image_size=settings.image_size, need_all_images=fine_tune)
+    result = train(settings, products=frame, epochs=settings.epochs, progress=False, fine_tune=fine_tune)
     artifact_uri = publish_artifact(settings, result.artifact_dir)
     config = json.loads((Path(result.artifact_dir) / "config.json").read_text())
     return {"version": result.version, "artifact_uri": artifact_uri, "backbone": config["backbone"],
@@ -253,8 +254,8 @@ def evaluate_model(settings: Settings, trained: dict, snapshot: dict, *, split: 
     from fashion_tagging.evaluate import evaluate
 
     artifact_dir = fetch_artifact(settings, trained["version"], trained["artifact_uri"])
-    frame = load_snapshot(settings, snapshot, backbone=trained["backbone"], image_size=trained["image_size"],
-                          need_all_images=trained["fine_tuned"])
+    frame = load_snapshot(settings, snapshot, (split,), backbone=trained["backbone"],
+                          image_size=trained["image_size"], need_all_images=trained["fine_tuned"])
     report = evaluate(artifact_dir, settings, split=split, products=frame, progress=False)
     publish_artifact(settings, artifact_dir)
     fused = report["modes"]["fused"]
@@ -409,23 +410,30 @@ def run_dag_locally(dag_id: str, conf: dict | None = None, *, settings: Settings
 def latest_run(database: Path, dag_id: str) -> dict:
     """State, task states and returned values of the newest run of ``dag_id`` in a SQLite metadata DB."""
     with sqlite3.connect(database) as conn:
-        row = conn.execute("SELECT run_id, state FROM dag_run WHERE dag_id = ? ORDER BY id DESC LIMIT 1",
-                           (dag_id,)).fetchone()
+        row = conn.execute("SELECT run_id, state, start_date, end_date FROM dag_run WHERE dag_id = ? "
+                           "ORDER BY id DESC LIMIT 1", (dag_id,)).fetchone()
         if row is None:
             return {"dag_id": dag_id, "state": None, "tasks": {}, "xcom": {}}
-        run_id, state = row
+        run_id, state, start_date, end_date = row
         tasks = conn.execute("SELECT task_id, map_index, state, duration FROM task_instance "
                              "WHERE dag_id = ? AND run_id = ?", (dag_id, run_id)).fetchall()
         xcoms = conn.execute("SELECT task_id, map_index, value FROM xcom WHERE dag_id = ? AND run_id = ? "
                              "AND key = 'return_value'", (dag_id, run_id)).fetchall()
     return {
         "dag_id": dag_id, "run_id": run_id, "state": state,
+        "run_seconds": _seconds_between(start_date, end_date),
         "tasks": _by_task((task_id, map_index, task_state) for task_id, map_index, task_state, _ in tasks),
         "task_seconds": {task_id: round(sum(d or 0.0 for t, _, _, d in tasks if t == task_id), 2)
                          for task_id in {t[0] for t in tasks}},
         "xcom": _by_task((task_id, map_index, json.loads(value) if value is not None else None)
                          for task_id, map_index, value in xcoms),
     }
+
+
+def _seconds_between(start: str | None, end: str | None) -> float | None:
+    if not (start and end):
+        return None
+    return round((dt.datetime.fromisoformat(end) - dt.datetime.fromisoformat(start)).total_seconds(), 2)
 
 
 def _by_task(rows) -> dict:

@@ -117,7 +117,8 @@ class LocalCeleryStack:
         self._spawn("dag-processor", "dag-processor")
         for name, queues in WORKERS:
             self._spawn(f"worker-{name}", "celery", "worker", "--queues", queues, "--concurrency", "1",
-                        "--celery-hostname", f"{name}@%h", env={"AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port())})
+                        "--celery-hostname", f"{name}@%h",
+                        env={"AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port())})
         self._wait_until(self._api_healthy, "the API server to answer")
 
     def stop(self) -> None:
@@ -142,7 +143,8 @@ class LocalCeleryStack:
         completed = subprocess.run([_airflow_bin(), *args], env=self.env, capture_output=True, text=True,
                                    timeout=timeout)
         if completed.returncode:
-            raise RuntimeError(f"airflow {' '.join(args)} failed:\n{completed.stdout[-3000:]}\n{completed.stderr[-3000:]}")
+            output = (completed.stdout + completed.stderr)[-3000:]
+            raise RuntimeError(f"airflow {' '.join(args)} failed:\n{output}")
         return completed.stdout
 
     def _spawn(self, name: str, *args: str, env: dict | None = None) -> None:

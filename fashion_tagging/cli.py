@@ -101,6 +101,38 @@ def cmd_embed(args) -> int:
     return 0
 
 
+def cmd_import_catalog(args) -> int:
+    from fashion_tagging.ingest import import_catalog
+
+    settings = _settings(args)
+    report = import_catalog(settings, args.source, limit=args.limit, manifest_format=args.format,
+                            load_into_db=not args.no_db)
+    print(json.dumps(report, indent=1, default=str))
+    return 0
+
+
+def cmd_db_migrate(args) -> int:
+    from fashion_tagging.db.engine import migrate_database
+
+    engine = migrate_database(_settings(args))
+    print(f"catalog database at head: {engine.url.render_as_string(hide_password=True)}")
+    return 0
+
+
+def cmd_similar(args) -> int:
+    from fashion_tagging.db.engine import get_engine
+    from fashion_tagging.db.repository import NotFound, similar_products
+
+    with get_engine(_settings(args)).begin() as conn:
+        try:
+            rows = similar_products(conn, args.product_id, args.k, args.version)
+        except NotFound as error:
+            raise UserError(str(error)) from None
+    for product_id, title, article_type, distance in rows:
+        print(f"{product_id}\t{distance:.3f}\t{article_type}\t{title}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     """The README's main job. (Until the pipeline lands: train + evaluate on a small slice.)"""
     args.limit = args.limit or 300
@@ -153,6 +185,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = add("demo", cmd_demo, "run the whole job end to end on embedded defaults (the README's main command)")
     sub.add_argument("--limit", type=int, help="products per split to use (default 300)")
+
+    sub = add("import-catalog", cmd_import_catalog,
+              "import a Kaggle-layout folder into the object store as a catalog (and load it into the database)")
+    sub.add_argument("source", nargs="?", help="Kaggle-layout folder (default: FT_DATA_DIR)")
+    sub.add_argument("--limit", type=int, help="only the first N products")
+    sub.add_argument("--format", default="parquet", choices=["parquet", "csv", "jsonl"])
+    sub.add_argument("--no-db", action="store_true", help="only write the store, do not load the database")
+
+    sub = add("db-migrate", cmd_db_migrate, "create or upgrade the catalog database schema (Alembic)")
+
+    sub = add("similar", cmd_similar, "the k most similar products to a product (pgvector HNSW search)")
+    sub.add_argument("product_id", type=int)
+    sub.add_argument("-k", type=int, default=10)
+    sub.add_argument("--version", help="model version (default: production)")
 
     add("models", cmd_models, "list trained model versions and their test accuracy")
     return parser

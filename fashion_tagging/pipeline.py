@@ -38,12 +38,10 @@ SNAPSHOTS_PREFIX = "snapshots/"
 
 
 def catalog_engine(settings: Settings):
-    """The catalog database engine, migrated to head (idempotent, cheap when already there)."""
-    from fashion_tagging.db.engine import get_engine, migrate
+    """The catalog engine, migrated to head (imported lazily: DAG files import this module)."""
+    from fashion_tagging.db.engine import migrate_database
 
-    engine = get_engine(settings)
-    migrate(engine)
-    return engine
+    return migrate_database(settings)
 
 
 def object_store(settings: Settings):

@@ -45,6 +45,7 @@ def catalog_engine(settings: Settings):
 
 
 def object_store(settings: Settings):
+    """The configured object store (catalog manifests, photos, snapshots, model artifacts)."""
     from fashion_tagging.objectstore import open_store
 
     return open_store(settings.resolved_object_store_url, endpoint_url=settings.s3_endpoint_url,
@@ -318,10 +319,15 @@ def register_and_promote(settings: Settings, trained: dict, evaluation: dict, de
 # --- artifacts in the object store ------------------------------------------------------------
 
 
+def artifact_prefix(settings: Settings, version: str) -> str:
+    """Where a model version's artifact lives in the object store."""
+    return f"{settings.models_prefix.rstrip('/')}/{version}"
+
+
 def publish_artifact(settings: Settings, artifact_dir: str | os.PathLike) -> str:
     """Upload an artifact directory to ``<models_prefix><version>/``; returns its URI."""
     artifact_dir = Path(artifact_dir)
-    prefix = f"{settings.models_prefix.rstrip('/')}/{artifact_dir.name}"
+    prefix = artifact_prefix(settings, artifact_dir.name)
     store = object_store(settings)
     store.upload_dir(artifact_dir, prefix)
     return store.uri(prefix)
@@ -329,8 +335,7 @@ def publish_artifact(settings: Settings, artifact_dir: str | os.PathLike) -> str
 
 def artifact_metrics(settings: Settings, version: str) -> dict:
     """The artifact's ``metrics.json`` (evaluation reports by split), read from the store."""
-    key = f"{settings.models_prefix.rstrip('/')}/{version}/metrics.json"
-    return json.loads(object_store(settings).get(key))
+    return json.loads(object_store(settings).get(f"{artifact_prefix(settings, version)}/metrics.json"))
 
 
 def fetch_artifact(settings: Settings, version: str, artifact_uri: str) -> Path:
@@ -338,8 +343,7 @@ def fetch_artifact(settings: Settings, version: str, artifact_uri: str) -> Path:
     local = settings.artifacts_dir / version
     if (local / "config.json").is_file():
         return local
-    prefix = f"{settings.models_prefix.rstrip('/')}/{version}"
-    return object_store(settings).download_dir(prefix, local)
+    return object_store(settings).download_dir(artifact_prefix(settings, version), local)
 
 
 # --- running a DAG without a scheduler (CLI demo, tests) ----------------------------------------
@@ -361,23 +365,13 @@ def local_airflow_env(settings: Settings) -> dict:
 
 
 def settings_env(settings: Settings) -> dict:
-    """``FT_*`` variables that reproduce ``settings`` in a child process (tasks call get_settings())."""
-    env = {
-        "FT_HOME": str(settings.home), "FT_DATA_DIR": str(settings.data_dir),
-        "FT_OBJECT_STORE_URL": settings.resolved_object_store_url,
-        "FT_BACKBONE": settings.backbone, "FT_IMAGE_SIZE": str(settings.image_size),
-        "FT_EPOCHS": str(settings.epochs), "FT_BATCH_SIZE": str(settings.batch_size),
-        "FT_TAGGING_BATCH_SIZE": str(settings.tagging_batch_size),
-        "FT_INFERENCE_BATCH_SIZE": str(settings.inference_batch_size),
-        "FT_BASELINE_ACCURACY": str(settings.baseline_accuracy),
-        "FT_MIN_CLASS_COUNT": str(settings.min_class_count),
-        "FT_MODELS_PREFIX": settings.models_prefix, "FT_CATALOG_PREFIX": settings.catalog_prefix,
-        "FT_IMAGES_PREFIX": settings.images_prefix,
-    }
-    if settings.database_url:
-        env["FT_DATABASE_URL"] = settings.database_url
-    if settings.s3_endpoint_url:
-        env["FT_S3_ENDPOINT_URL"] = settings.s3_endpoint_url
+    """``FT_*`` variables that reproduce ``settings`` in a child process (tasks call get_settings()).
+
+    Every setting ``name`` is read from ``FT_<NAME>`` (settings.py's convention); unset ones stay unset.
+    """
+    env = {f"FT_{field.name.upper()}": str(getattr(settings, field.name))
+           for field in dataclasses.fields(settings) if getattr(settings, field.name) is not None}
+    env["FT_OBJECT_STORE_URL"] = settings.resolved_object_store_url
     return env
 
 

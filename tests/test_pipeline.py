@@ -52,3 +52,17 @@ def test_summarize_run_totals_and_throughput():
     assert summary["errors"] == 4 and summary["model_version"] == "v1"
     assert summary["seconds"] >= 10 and 0 < summary["products_per_second"] < 198 / 10 + 1
     assert summary["products_per_batch_second"] == 49.5
+
+
+def test_settings_env_reproduces_the_settings_in_a_child(monkeypatch, tmp_path):
+    """DAG tasks (dag.test, Celery workers) rebuild their settings from these variables."""
+    import dataclasses
+
+    from fashion_tagging.pipeline import settings_env
+    from fashion_tagging.settings import get_settings
+
+    settings = get_settings(home=tmp_path, image_size=64, baseline_accuracy=0.0, tagging_batch_size=150,
+                            database_url="postgresql+psycopg2://u@h/db", object_store_url="s3://b/")
+    for name, value in settings_env(settings).items():
+        monkeypatch.setenv(name, value)
+    assert dataclasses.asdict(get_settings()) == dataclasses.asdict(settings)

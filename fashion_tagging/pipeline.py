@@ -207,7 +207,7 @@ def materialize_images(settings: Settings, frame, *, backbone: str, image_size: 
     image_dir = settings.cache_dir / "images"
     paths, to_fetch = [], {}
     for pid, key in zip(frame["id"], frame["image_key"], strict=True):
-        if not key:
+        if not isinstance(key, str) or not key:  # no photo (None, or NaN after a DataFrame round trip)
             paths.append(None)
             continue
         path = image_dir / key

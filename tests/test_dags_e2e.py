@@ -40,8 +40,16 @@ def world(postgres_url, s3_endpoint, kaggle_slice_dir, ft_home):
                              s3_endpoint_url=s3_endpoint, tagging_batch_size=100,
                              baseline_accuracy=BASELINE_ACCURACY)
     import_kaggle_catalog(kaggle_slice_dir, store)
+    import_kaggle_catalog(DATA_DIR, store, ids=labelled_ids_without_photo(), batch_name="no-photos")
     yield {"settings": settings, "engine": engine_for_url(db_url), "store": store}
     drop_database(postgres_url, db_url)
+
+
+def labelled_ids_without_photo(n: int = 3) -> list[int]:
+    """Real catalog products that have no photo (text-only training and tagging rows)."""
+    split = pd.read_csv(DATA_DIR / "split.csv")
+    train_ids = split.loc[split["split"] == "train", "id"]
+    return [int(i) for i in train_ids if not (DATA_DIR / "images" / f"{i}.jpg").is_file()][:n]
 
 
 def count(engine, sql: str, **params) -> int:

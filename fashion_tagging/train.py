@@ -82,10 +82,16 @@ def with_auxiliary_labels(labels: dict) -> dict:
     return {**labels, **{aux: labels[PRIMARY_HEAD] for aux in AUXILIARY_HEADS}}
 
 
-def make_dataset(inputs: dict, labels: dict, *, batch_size: int, training: bool, seed: int) -> tf.data.Dataset:
-    """(inputs, labels, sample weights) where a missing label (-1) gets weight 0 for its head."""
+def targets_and_weights(labels: dict) -> tuple[dict, dict]:
+    """A missing label (-1) becomes class 0 with sample weight 0: that head ignores the product."""
     targets = {head: np.maximum(values, 0) for head, values in labels.items()}
     weights = {head: (values >= 0).astype(np.float32) for head, values in labels.items()}
+    return targets, weights
+
+
+def make_dataset(inputs: dict, labels: dict, *, batch_size: int, training: bool, seed: int) -> tf.data.Dataset:
+    """Batched (inputs, targets, sample weights), shuffled with modality dropout when training."""
+    targets, weights = targets_and_weights(labels)
     dataset = tf.data.Dataset.from_tensor_slices((inputs, targets, weights))
     if training:
         dataset = dataset.shuffle(len(next(iter(labels.values()))), seed=seed, reshuffle_each_iteration=True)
@@ -190,9 +196,8 @@ def _pixel_dataset(rows: pd.DataFrame, text: TextEncoder, label_maps: dict, *, s
     has_text = rows["text"].fillna("").str.strip().ne("").to_numpy()
     inputs = {"path": np.array(paths), "has_image": np.array([bool(p) for p in paths], np.float32).reshape(-1, 1),
               "tokens": text.encode(rows["text"].tolist()), "has_text": has_text.astype(np.float32).reshape(-1, 1)}
-    labels = with_auxiliary_labels({head: label_maps[head].encode(rows[head]) for head in label_maps})
-    targets = {head: np.maximum(v, 0) for head, v in labels.items()}
-    weights = {head: (v >= 0).astype(np.float32) for head, v in labels.items()}
+    targets, weights = targets_and_weights(
+        with_auxiliary_labels({head: label_maps[head].encode(rows[head]) for head in label_maps}))
 
     def load(x, y, w):
         path = x.pop("path")

@@ -6,8 +6,11 @@ padded with white to a square, so a shoe is not stretched into a different shape
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import tensorflow as tf
+from PIL import Image
 
 PAD_VALUE = 255.0
 
@@ -41,17 +44,27 @@ def decode_tensor(data: tf.Tensor) -> tf.Tensor:
 
 
 def decode_image(data: bytes, size: int) -> np.ndarray:
-    """Bytes from a store -> size x size x 3 uint8 array; raise :class:`ImageDecodeError` on bad bytes."""
+    """Bytes from a store -> size x size x 3 uint8 array; raise :class:`ImageDecodeError` on bad bytes.
+
+    Pillow, not eager TensorFlow: one image at a time, TF op dispatch costs ~16 ms where Pillow
+    takes ~0.5 ms, as much as the model itself on a CPU. Same geometry as :func:`resize_and_pad`.
+    """
     if not data:
         raise ImageDecodeError("empty image object")
     try:
-        image = decode_tensor(tf.constant(data))
-        if int(tf.shape(image)[0]) == 0 or int(tf.shape(image)[1]) == 0:
-            raise ImageDecodeError("image has zero width or height")
-        return resize_and_pad(image, size).numpy().astype(np.uint8)
-    except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as error:
-        message = str(error).splitlines()[0][:200]
-        raise ImageDecodeError(f"cannot decode image: {message}") from None
+        with Image.open(io.BytesIO(data)) as source:
+            image = source.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise ImageDecodeError(f"cannot decode image: {str(error)[:200]}") from None
+    width, height = image.size
+    if not width or not height:
+        raise ImageDecodeError("image has zero width or height")
+    scale = min(size / height, size / width)
+    new_width, new_height = max(1, round(width * scale)), max(1, round(height * scale))
+    image = image.resize((new_width, new_height), Image.Resampling.BILINEAR)
+    canvas = Image.new("RGB", (size, size), (int(PAD_VALUE),) * 3)
+    canvas.paste(image, ((size - new_width) // 2, (size - new_height) // 2))
+    return np.asarray(canvas, dtype=np.uint8)
 
 
 def to_model_size(image: np.ndarray, size: int) -> np.ndarray:

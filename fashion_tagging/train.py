@@ -29,7 +29,7 @@ from fashion_tagging.settings import HEADS, PRIMARY_HEAD, Settings
 log = logging.getLogger(__name__)
 DROP_IMAGE_PROBABILITY = 0.25
 DROP_TEXT_PROBABILITY = 0.25
-EARLY_STOPPING_PATIENCE = 3
+EARLY_STOPPING_PATIENCE = 5  # val accuracy still crept up after 3 flat epochs (0.9712 at 8 and 11)
 FINE_TUNE_LEARNING_RATE = 1e-4
 FINE_TUNE_TRAINABLE_FRACTION = 0.3  # unfreeze the top 30 % of backbone layers (BatchNorm stays frozen)
 

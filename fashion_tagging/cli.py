@@ -44,7 +44,7 @@ def cmd_train(args) -> int:
     products = load_kaggle_catalog(settings.data_dir).products
     if args.limit:
         products = products.groupby("split").head(args.limit).reset_index(drop=True)
-    result = train(settings, products=products)
+    result = train(settings, products=products, fine_tune=args.fine_tune)
     print(f"trained model {result.version} -> {result.artifact_dir} ({result.timings})")
     if not args.no_evaluate:
         report = evaluate(result.artifact_dir, settings, products=products)
@@ -240,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--backbone", choices=["efficientnet-lite0", "efficientnet-b0"])
     sub.add_argument("--image-size", type=int)
     sub.add_argument("--limit", type=int, help="at most N products per split (a quick slice)")
+    sub.add_argument("--fine-tune", action="store_true",
+                     help="after the head, fine-tune the backbone's top layers end to end (meant for a GPU)")
     sub.add_argument("--no-evaluate", action="store_true")
 
     sub = add("evaluate", cmd_evaluate, "evaluate a model version (default: newest) and write its report")

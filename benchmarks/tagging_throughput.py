@@ -29,6 +29,30 @@ from fashion_tagging.settings import get_settings  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 
 
+SIMILAR_QUERIES = 200
+
+
+def similar_products_latency(engine, ids: list[int], similar_products) -> dict:
+    """p50/p95 of the k=10 similar-products query over the embeddings this run just wrote."""
+    import random
+
+    import numpy as np
+
+    rng = random.Random(42)
+    timings = []
+    with engine.connect() as conn:
+        for product_id in (rng.choice(ids) for _ in range(SIMILAR_QUERIES)):
+            with conn.begin():
+                tick = time.perf_counter()
+                try:
+                    similar_products(conn, product_id, 10)
+                except LookupError:  # a product that could not be tagged has no embedding
+                    continue
+                timings.append((time.perf_counter() - tick) * 1000)
+    return {"queries": len(timings), "p50": round(float(np.percentile(timings, 50)), 2),
+            "p95": round(float(np.percentile(timings, 95)), 2)} if timings else {}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--products", type=int, default=2000)
@@ -83,6 +107,7 @@ def main() -> int:
                for batch in plan_batches(ids, settings.tagging_batch_size)]
     e2e_seconds = time.perf_counter() - tick
     tagged = sum(r.tagged for r in results)
+    similar_ms = similar_products_latency(engine, ids, repository.similar_products)
     stages = {stage: round(sum(getattr(r, f"{stage}_seconds") for r in results), 1)
               for stage in ("fetch", "decode", "infer", "write")}
     result = {
@@ -94,6 +119,7 @@ def main() -> int:
         "ratio_end_to_end_to_raw": round(tagged / e2e_seconds / raw_per_second, 3),
         "end_to_end_seconds": round(e2e_seconds, 1), "stage_seconds": stages,
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "similar_products_real_embeddings_ms": similar_ms,
         "load_average_1m": round(os.getloadavg()[0], 2),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)

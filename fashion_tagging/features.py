@@ -30,6 +30,13 @@ class ImageEmbeddings:
     has_image: np.ndarray
     errors: list[RowError]
 
+    def rows(self, selection: slice) -> "ImageEmbeddings":
+        """The embeddings of a contiguous range of the requested products (errors follow their product)."""
+        ids = self.product_ids[selection]
+        wanted = set(ids.tolist())
+        return ImageEmbeddings(ids, self.vectors[selection], self.has_image[selection],
+                               [e for e in self.errors if e.product_id in wanted])
+
 
 def cache_path(cache_dir: Path, backbone: str, image_size: int) -> Path:
     return Path(cache_dir) / CACHE_SUBDIR / f"{backbone}-{image_size}.npz"

@@ -130,8 +130,11 @@ def train(
     t0 = time.perf_counter()
     embed = dict(backbone_name=settings.backbone, image_size=settings.image_size, cache_dir=settings.cache_dir,
                  batch_size=settings.inference_batch_size, progress=progress)
-    train_embeddings = catalog_image_embeddings(train_rows["id"], train_rows["image_path"].tolist(), **embed)
-    val_embeddings = catalog_image_embeddings(val_rows["id"], val_rows["image_path"].tolist(), **embed)
+    # One pass for both splits: the cache is read, the backbone built and the cache rewritten once.
+    both = pd.concat([train_rows, val_rows], ignore_index=True)
+    embeddings = catalog_image_embeddings(both["id"], both["image_path"].tolist(), **embed)
+    train_embeddings = embeddings.rows(slice(0, len(train_rows)))
+    val_embeddings = embeddings.rows(slice(len(train_rows), None))
     embedding_seconds = time.perf_counter() - t0
 
     train_labels = with_auxiliary_labels({head: label_maps[head].encode(train_rows[head]) for head in HEADS})

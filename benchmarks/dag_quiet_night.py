@@ -23,7 +23,7 @@ from pathlib import Path
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_ROOT))
 RESULTS = PROJECT_ROOT / "benchmarks" / "results" / "dag_quiet_night.json"
-TINY_MODEL = {"epochs": 2, "image_size": 64, "backbone": "efficientnet-lite0", "fine_tune": False}
+TINY_MODEL = {"epochs": 2, "image_size": 64, "backbone": "efficientnet-lite0", "fine_tune": "none"}
 
 
 def main() -> None:

@@ -48,7 +48,7 @@ def main() -> None:
         try:
             imported = import_kaggle_catalog(settings.data_dir, pipeline.object_store(settings), limit=args.limit)
             conf = {"epochs": args.epochs or settings.epochs, "backbone": settings.backbone,
-                    "image_size": settings.image_size, "fine_tune": False}
+                    "image_size": settings.image_size, "fine_tune": "none"}
             run = pipeline.run_dag_locally("retrain_tagger", conf, settings=settings, timeout_s=3 * 3600)
         finally:
             stop_embedded_postgres(settings.pgdata_dir)

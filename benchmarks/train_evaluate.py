@@ -28,6 +28,7 @@ def main() -> int:
     parser.add_argument("--home", default=str(ROOT / ".fashion-tagging"), help="FT_HOME for the run")
     parser.add_argument("--cold", action="store_true", help="delete the embedding cache first")
     parser.add_argument("--epochs", type=int)
+    parser.add_argument("--fine-tune", choices=["none", "top", "full"], help="backbone fine-tuning mode")
     args = parser.parse_args()
 
     home = Path(args.home)
@@ -37,6 +38,8 @@ def main() -> int:
     command = [str(ROOT / ".venv/bin/fashion-tagging"), "train"]
     if args.epochs:
         command += ["--epochs", str(args.epochs)]
+    if args.fine_tune:
+        command += ["--fine-tune", args.fine_tune]
     started = time.perf_counter()
     completed = subprocess.run(command, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - started
@@ -51,6 +54,11 @@ def main() -> int:
     result = {
         "version": summary["version"], "cold_cache": args.cold, "cpu_count": os.cpu_count(),
         "wall_seconds": round(wall, 1), "timings": config["timings"], "epochs_run": config["epochs_run"],
+        "fine_tune_mode": config.get("fine_tune_mode", "none"),
+        "backbone_top_epochs_run": config.get("backbone_top_epochs_run"),
+        "best_val_article_type_accuracy": config.get("best_val_article_type_accuracy"),
+        "best_val_image_only_article_type_accuracy": config.get("best_val_image_only_article_type_accuracy"),
+        "primary_blend": config.get("primary_blend"), "primary_blend_val": config.get("primary_blend_val"),
         "evaluate_seconds": summary["evaluate_seconds"], "peak_rss_mib": round(peak_mib, 1),
         "test_products": metrics["products"], "baseline": metrics["baseline"],
         "article_type": {mode: {k: modes[mode]["articleType"][k] for k in ("accuracy", "macro_f1")} for mode in modes},
@@ -61,8 +69,9 @@ def main() -> int:
     RESULTS.write_text(json.dumps(result, indent=1))
     print(f"| figure | value |\n| --- | --- |")
     print(f"| wall time train+evaluate ({'cold' if args.cold else 'warm'} embedding cache) | {wall / 60:.1f} min |")
-    print(f"| of which image embedding / fit / evaluate | {config['timings']['embedding_seconds']:.0f} s / "
-          f"{config['timings']['fit_seconds']:.0f} s / {summary['evaluate_seconds']:.0f} s |")
+    print(f"| of which image embedding / fit (backbone top) / evaluate | {config['timings']['embedding_seconds']:.0f} s / "
+          f"{config['timings']['fit_seconds']:.0f} s ({config['timings'].get('backbone_top_seconds', 0):.0f} s) / "
+          f"{summary['evaluate_seconds']:.0f} s |")
     print(f"| peak RSS | {peak_mib / 1024:.2f} GiB |")
     for mode, scores in result["article_type"].items():
         print(f"| articleType {mode}: accuracy / macro-F1 | {scores['accuracy']:.4f} / {scores['macro_f1']:.4f} |")

@@ -33,7 +33,9 @@ MODEL_PROMOTED = Asset(**MODEL_PROMOTED_ASSET)
     params={
         "backbone": Param(SETTINGS.backbone, enum=list(BACKBONES), description="image backbone"),
         "epochs": Param(SETTINGS.epochs, type="integer", minimum=1, description="max training epochs"),
-        "fine_tune": Param(False, type="boolean", description="also fine-tune the image backbone"),
+        "fine_tune": Param(SETTINGS.fine_tune, enum=["none", "top", "full"],
+                           description="backbone fine-tuning: 'top' = its last block on cached activations "
+                                       "(CPU-friendly), 'full' = its top 30% on pixels (GPU), 'none' = frozen"),
         "image_size": Param(SETTINGS.image_size, type="integer", minimum=32, maximum=600,
                             description="backbone input size in pixels"),
     },

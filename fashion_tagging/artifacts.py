@@ -18,11 +18,12 @@ import keras
 import numpy as np
 
 from fashion_tagging.images import to_model_size
-from fashion_tagging.model import load_encoders
-from fashion_tagging.settings import IMAGE_EMBEDDING_DIM, Settings
+from fashion_tagging.model import blend_primary, load_encoders
+from fashion_tagging.settings import IMAGE_EMBEDDING_DIM, PRIMARY_HEAD, Settings
 
 log = logging.getLogger(__name__)
 FINE_TUNED_BACKBONE_FILE = "backbone.weights.h5"
+IMAGE_EXPERT_FILE = "image_expert.keras"  # image-only classifiers from "top" fine-tuning
 
 
 @dataclasses.dataclass
@@ -73,6 +74,8 @@ class Tagger:
         self.label_maps = label_maps
         self.heads = tuple(h for h in config["heads"] if h in label_maps)
         self._backbone = None
+        expert_path = self.artifact_dir / IMAGE_EXPERT_FILE
+        self.image_expert = keras.saving.load_model(expert_path, compile=False) if expert_path.is_file() else None
 
     @classmethod
     def load(cls, artifact_dir: str | Path) -> "Tagger":
@@ -129,6 +132,15 @@ class Tagger:
         embeddings, has_image = self.image_embeddings(images, batch_size=min(batch_size, 64))
         return self.predict_embeddings(embeddings, has_image, texts, batch_size=batch_size, top_k=top_k)
 
+    def _blended_primary(self, outputs: dict, embeddings: np.ndarray, has_image: np.ndarray,
+                         has_text: np.ndarray, batch_size: int) -> np.ndarray:
+        """Hybrid fusion for the primary head with the blend chosen on val at training time."""
+        expert = None
+        if self.image_expert is not None and has_image.any():
+            expert = np.asarray(self.image_expert.predict(embeddings, batch_size=batch_size, verbose=0)[PRIMARY_HEAD])
+        return blend_primary(np.asarray(outputs[PRIMARY_HEAD]), np.asarray(outputs[f"text_{PRIMARY_HEAD}"]), expert,
+                             has_image, has_text, self.config["primary_blend"])
+
     def predict_embeddings(self, embeddings: np.ndarray, has_image: np.ndarray, texts: Sequence[str], *,
                            batch_size: int = 256, top_k: int = 3) -> TagPredictions:
         """Tag from precomputed image embeddings (evaluation and retagging reuse the cache)."""
@@ -142,6 +154,10 @@ class Tagger:
             "has_text": has_text.astype(np.float32).reshape(-1, 1),
         }
         outputs = self.model.predict(inputs, batch_size=batch_size, verbose=0) if len(texts) else None
+        if outputs is not None and self.config.get("primary_blend"):
+            outputs = dict(outputs)
+            outputs[PRIMARY_HEAD] = self._blended_primary(outputs, inputs["image_embedding"], has_image, has_text,
+                                                          batch_size)
         labels, confidences, tops = {}, {}, {}
         for head in self.heads:
             names = self.label_maps[head].labels

@@ -240,8 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--backbone", choices=["efficientnet-lite0", "efficientnet-b0"])
     sub.add_argument("--image-size", type=int)
     sub.add_argument("--limit", type=int, help="at most N products per split (a quick slice)")
-    sub.add_argument("--fine-tune", action="store_true",
-                     help="after the head, fine-tune the backbone's top layers end to end (meant for a GPU)")
+    sub.add_argument("--fine-tune", choices=["none", "top", "full"],
+                     help="backbone fine-tuning (default FT_FINE_TUNE): 'top' trains its last block on cached "
+                          "activations (fits a CPU), 'full' its top 30%% end to end on pixels (a GPU job)")
     sub.add_argument("--no-evaluate", action="store_true")
 
     sub = add("evaluate", cmd_evaluate, "evaluate a model version (default: newest) and write its report")

@@ -2,6 +2,9 @@
 
 The backbone is the expensive part of the model on a CPU; with it frozen, its 1280-d output
 for a product never changes, so every retrain reuses the cache and only embeds new products.
+The same pass also caches the activations that enter the backbone's last block
+(``backbones.TOP_CUT_LAYER``): fine-tuning that block then needs no image decoding or backbone
+pass at all, which is what makes fine-tuning affordable on a CPU.
 """
 
 from __future__ import annotations
@@ -29,52 +32,78 @@ class ImageEmbeddings:
     vectors: np.ndarray
     has_image: np.ndarray
     errors: list[RowError]
+    top_inputs: np.ndarray | None = None  # float16 (N, h, w, c) entering the last block; zeros without image
 
     def rows(self, selection: slice) -> "ImageEmbeddings":
         """The embeddings of a contiguous range of the requested products (errors follow their product)."""
         ids = self.product_ids[selection]
         wanted = set(ids.tolist())
         return ImageEmbeddings(ids, self.vectors[selection], self.has_image[selection],
-                               [e for e in self.errors if e.product_id in wanted])
+                               [e for e in self.errors if e.product_id in wanted],
+                               None if self.top_inputs is None else self.top_inputs[selection])
 
 
 def cache_path(cache_dir: Path, backbone: str, image_size: int) -> Path:
     return Path(cache_dir) / CACHE_SUBDIR / f"{backbone}-{image_size}.npz"
 
 
-def embed_image_files(paths: list[str], backbone, image_size: int, batch_size: int, *, progress: bool = True):
-    """Run the backbone over image files; returns (vectors, ok) with unreadable files not ok."""
+def embed_image_files(paths: list[str], backbone, image_size: int, batch_size: int, *, progress: bool = True,
+                      with_top_inputs: bool = False):
+    """Run the backbone over image files; returns (vectors, top_inputs or None, ok), unreadable files not ok."""
+    from fashion_tagging.backbones import with_top_inputs_output
+
     vectors = np.zeros((len(paths), IMAGE_EMBEDDING_DIM), dtype=np.float32)
     ok = np.zeros(len(paths), dtype=bool)
+    top_inputs = None
+    model = with_top_inputs_output(backbone) if with_top_inputs else backbone
+    if with_top_inputs:
+        top_inputs = np.zeros((len(paths), *model.output_shape[1][1:]), dtype=np.float16)
     if not paths:
-        return vectors, ok
+        return vectors, top_inputs, ok
     dataset = file_image_dataset(paths, image_size, batch_size)
     with tqdm(total=len(paths), unit="img", desc="image embeddings", disable=not progress) as bar:
         for indices, images in dataset:
-            batch = backbone.predict_on_batch(images)
+            batch = model.predict_on_batch(images)
             idx = indices.numpy()
+            if with_top_inputs:
+                batch, cut = batch
+                top_inputs[idx] = np.asarray(cut, dtype=np.float16)
             vectors[idx] = np.asarray(batch, dtype=np.float32)
             ok[idx] = True
             bar.update(len(idx))
-    return vectors, ok
+    return vectors, top_inputs, ok
 
 
 def catalog_image_embeddings(
     product_ids, image_paths, *, backbone_name: str, image_size: int, cache_dir: Path,
-    batch_size: int = 64, progress: bool = True, backbone=None,
+    batch_size: int = 64, progress: bool = True, backbone=None, with_top_inputs: bool = False,
 ) -> ImageEmbeddings:
-    """Embeddings for these products, from the cache where present, computing (and caching) the rest."""
+    """Embeddings for these products, from the cache where present, computing (and caching) the rest.
+
+    ``with_top_inputs`` also returns the last block's input activations; a cache written without
+    them is then rebuilt once. A cache that has them keeps them for every product it adds.
+    """
     product_ids = np.asarray(product_ids, dtype=np.int64)
     path = cache_path(cache_dir, backbone_name, image_size)
-    cached: dict[int, np.ndarray] = {}
+    cached: dict[int, int] = {}
     cached_ids = np.zeros(0, dtype=np.int64)
     cached_vectors = np.zeros((0, IMAGE_EMBEDDING_DIM), dtype=np.float16)
+    cached_top = None
     if path.is_file():
         with np.load(path) as data:
-            cached_ids, cached_vectors = data["ids"], data["vectors"]
-        cached = {int(i): row for i, row in zip(cached_ids, range(len(cached_ids)), strict=True)}
+            has_top = "top_inputs" in data.files
+            if has_top or not with_top_inputs:
+                cached_ids, cached_vectors = data["ids"], data["vectors"]
+                cached_top = data["top_inputs"] if has_top else None
+            else:
+                log.info("embedding cache %s has no last-block inputs: rebuilding it with them", path)
+        cached = {int(i): row for row, i in enumerate(cached_ids)}
+    keep_top = with_top_inputs or cached_top is not None
 
     vectors = np.zeros((len(product_ids), IMAGE_EMBEDDING_DIM), dtype=np.float32)
+    top_inputs = None
+    if with_top_inputs and cached_top is not None:
+        top_inputs = np.zeros((len(product_ids), *cached_top.shape[1:]), dtype=np.float16)
     has_image = np.zeros(len(product_ids), dtype=bool)
     errors: list[RowError] = []
     todo = []
@@ -82,7 +111,10 @@ def catalog_image_embeddings(
         if not isinstance(image_path, str) or not image_path:
             errors.append(RowError("product has no image", int(pid), "", stage="image"))
         elif int(pid) in cached:
-            vectors[position] = cached_vectors[cached[int(pid)]]
+            row = cached[int(pid)]
+            vectors[position] = cached_vectors[row]
+            if top_inputs is not None:
+                top_inputs[position] = cached_top[row]
             has_image[position] = True
         else:
             todo.append(position)
@@ -93,19 +125,26 @@ def catalog_image_embeddings(
 
             backbone = build_backbone(backbone_name, image_size)
         log.info("embedding %d images with %s at %dpx (%d cached)", len(todo), backbone_name, image_size, len(cached))
-        new_vectors, ok = embed_image_files([image_paths[p] for p in todo], backbone, image_size, batch_size,
-                                            progress=progress)
-        for position, vector, good in zip(todo, new_vectors, ok, strict=True):
+        new_vectors, new_top, ok = embed_image_files([image_paths[p] for p in todo], backbone, image_size,
+                                                     batch_size, progress=progress, with_top_inputs=keep_top)
+        if with_top_inputs and top_inputs is None:
+            top_inputs = np.zeros((len(product_ids), *new_top.shape[1:]), dtype=np.float16)
+        for i, (position, good) in enumerate(zip(todo, ok, strict=True)):
             if good:
-                vectors[position] = vector
+                vectors[position] = new_vectors[i]
+                if top_inputs is not None:
+                    top_inputs[position] = new_top[i]
                 has_image[position] = True
             else:
                 errors.append(RowError("image file cannot be decoded", int(product_ids[position]),
                                        str(image_paths[position]), stage="image"))
         new_ids = product_ids[todo][ok]
+        arrays = {"ids": np.concatenate([cached_ids, new_ids]),
+                  "vectors": np.concatenate([cached_vectors, new_vectors[ok].astype(np.float16)])}
+        if keep_top:
+            arrays["top_inputs"] = new_top[ok] if cached_top is None else np.concatenate([cached_top, new_top[ok]])
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, ids=np.concatenate([cached_ids, new_ids]),
-                 vectors=np.concatenate([cached_vectors, new_vectors[ok].astype(np.float16)]))
+        np.savez(tmp, **arrays)
         tmp.replace(path)
-    return ImageEmbeddings(product_ids, vectors, has_image, errors)
+    return ImageEmbeddings(product_ids, vectors, has_image, errors, top_inputs)

@@ -170,7 +170,7 @@ def snapshot_training_data(settings: Settings) -> dict:
 
 
 def load_snapshot(settings: Settings, snapshot: dict, splits: tuple[str, ...], *, backbone: str, image_size: int,
-                  need_all_images: bool):
+                  need_all_images: bool, need_top_inputs: bool = False):
     """The snapshot's rows in ``splits`` as the catalog frame train/evaluate expect, with local image files.
 
     Images whose embedding is already cached for (backbone, image size) are not downloaded: the
@@ -189,12 +189,16 @@ def load_snapshot(settings: Settings, snapshot: dict, splits: tuple[str, ...], *
     frame["description"] = frame["description"].map(clean_html)
     frame["text"] = [product_text(t, d) for t, d in zip(frame["productDisplayName"], frame["description"], strict=True)]
     frame["image_path"] = materialize_images(settings, frame, backbone=backbone, image_size=image_size,
-                                             need_all_images=need_all_images)
+                                             need_all_images=need_all_images, need_top_inputs=need_top_inputs)
     return frame
 
 
-def materialize_images(settings: Settings, frame, *, backbone: str, image_size: int, need_all_images: bool) -> list:
-    """Local paths of the products' images, downloading only those not already on disk or cached."""
+def materialize_images(settings: Settings, frame, *, backbone: str, image_size: int, need_all_images: bool,
+                       need_top_inputs: bool = False) -> list:
+    """Local paths of the products' images, downloading only those not already on disk or cached.
+
+    ``need_top_inputs``: a cache without the last block's activations does not count (it is rebuilt).
+    """
     from fashion_tagging.features import cache_path
 
     cached_ids: set[int] = set()
@@ -203,7 +207,8 @@ def materialize_images(settings: Settings, frame, *, backbone: str, image_size: 
         import numpy as np
 
         with np.load(cache_file) as data:
-            cached_ids = {int(i) for i in data["ids"]}
+            if "top_inputs" in data.files or not need_top_inputs:
+                cached_ids = {int(i) for i in data["ids"]}
     image_dir = settings.cache_dir / "images"
     paths, to_fetch = [], {}
     for pid, key in zip(frame["id"], frame["image_key"], strict=True):
@@ -233,13 +238,14 @@ def candidate_settings(settings: Settings, params: dict) -> Settings:
 
 def train_model(settings: Settings, params: dict, snapshot: dict) -> dict:
     """Train a candidate on the snapshot's train/val splits; its artifact goes to the object store."""
-    from fashion_tagging.train import train
+    from fashion_tagging.train import fine_tune_mode, train
 
     settings = candidate_settings(settings, params)
-    fine_tune = bool(params.get("fine_tune", False))
+    mode = fine_tune_mode(params["fine_tune"] if params.get("fine_tune") is not None else settings.fine_tune)
     frame = load_snapshot(settings, snapshot, ("train", "val"), backbone=settings.backbone,
-                          image_size=settings.image_size, need_all_images=fine_tune)
-    result = train(settings, products=frame, epochs=settings.epochs, progress=False, fine_tune=fine_tune)
+                          image_size=settings.image_size, need_all_images=mode == "full",
+                          need_top_inputs=mode == "top")
+    result = train(settings, products=frame, epochs=settings.epochs, progress=False, fine_tune=mode)
     artifact_uri = publish_artifact(settings, result.artifact_dir)
     config = json.loads((Path(result.artifact_dir) / "config.json").read_text())
     return {"version": result.version, "artifact_uri": artifact_uri, "backbone": config["backbone"],

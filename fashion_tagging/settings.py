@@ -54,6 +54,10 @@ class Settings:
     learning_rate: float = dataclasses.field(default_factory=lambda: float(_env("LEARNING_RATE", "1e-3")))
     seed: int = dataclasses.field(default_factory=lambda: int(_env("SEED", "42")))
     fine_tune_epochs: int = dataclasses.field(default_factory=lambda: int(_env("FINE_TUNE_EPOCHS", "2")))
+    # Backbone fine-tuning: "top" trains its last block on cached activations (fits a CPU),
+    # "full" trains its top 30 % end to end on pixels (a GPU job), "none" keeps it frozen.
+    fine_tune: str = dataclasses.field(default_factory=lambda: _env("FINE_TUNE", "top"))
+    top_tune_epochs: int = dataclasses.field(default_factory=lambda: int(_env("TOP_TUNE_EPOCHS", "10")))
     # A class needs this many training products to get its own output; rarer ones are merged
     # into "Other" (per head) so the model never emits a label it could not learn.
     min_class_count: int = dataclasses.field(default_factory=lambda: int(_env("MIN_CLASS_COUNT", "3")))

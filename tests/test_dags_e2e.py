@@ -23,7 +23,7 @@ from tests.fixtures_services import drop_database, new_database
 
 pytestmark = pytest.mark.slow
 
-RETRAIN_CONF = {"epochs": 2, "image_size": 64, "backbone": "efficientnet-lite0", "fine_tune": False}
+RETRAIN_CONF = {"epochs": 2, "image_size": 64, "backbone": "efficientnet-lite0", "fine_tune": "top"}
 NEW_PRODUCTS = 20  # a second manifest arriving after the first tagging run
 
 

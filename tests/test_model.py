@@ -87,3 +87,55 @@ def test_fine_tuned_backbone_travels_with_the_artifact(tiny_settings_factory):
     tuned, _ = tagger.image_embeddings([image])
     pretrained = np.asarray(build_backbone(settings.backbone, 32).predict_on_batch(np.full((1, 32, 32, 3), 200.0)))
     assert not np.allclose(tuned, pretrained, atol=1e-6)  # the fine-tuned weights, not the ImageNet ones
+
+
+def test_top_fine_tuning_trains_only_the_last_block_and_tagging_reproduces_it(tiny_settings_factory):
+    """"top" mode trains above the cut on cached activations; the artifact's backbone must match that."""
+    from fashion_tagging.backbones import TOP_CUT_LAYER, backbone_top, build_backbone, with_top_inputs_output
+    from fashion_tagging.catalog import load_kaggle_catalog
+    from fashion_tagging.train import train
+
+    settings = tiny_settings_factory(epochs=1, top_tune_epochs=1)
+    products = load_kaggle_catalog(settings.data_dir).products.groupby("split").head(60).reset_index(drop=True)
+    result = train(settings, products=products, progress=False, fine_tune="top")
+    tagger = Tagger.load(result.artifact_dir)
+    assert tagger.config["fine_tune_mode"] == "top" and tagger.config["backbone_top_epochs_run"] == 2
+    assert "backbone_top" in json.loads((result.artifact_dir / "history.json").read_text())
+
+    pretrained = build_backbone(settings.backbone, settings.image_size)
+    names = [layer.name for layer in pretrained.layers]
+    cut = names.index(TOP_CUT_LAYER)
+    for index, (before, after) in enumerate(zip(pretrained.layers, tagger.backbone.layers, strict=True)):
+        same = all(np.array_equal(a, b) for a, b in zip(before.get_weights(), after.get_weights(), strict=True))
+        if index <= cut or isinstance(before, __import__("keras").layers.BatchNormalization):
+            assert same, f"{before.name} is below the cut (or a BatchNorm) and must stay frozen"
+    assert not np.allclose(pretrained.get_layer("top_conv").get_weights()[0],
+                           tagger.backbone.get_layer("top_conv").get_weights()[0])
+
+    # Tagging runs the whole tuned backbone on pixels; training ran its top on cached activations.
+    pixels = decode_image((DATA_DIR / "images" / "15970.jpg").read_bytes(), settings.image_size)[None].astype("float32")
+    _, activations = with_top_inputs_output(pretrained).predict_on_batch(pixels)
+    from_cache = backbone_top(tagger.backbone).predict_on_batch(np.asarray(activations, np.float16).astype("float32"))
+    end_to_end, _ = tagger.image_embeddings([pixels[0].astype(np.uint8)])
+    assert np.allclose(end_to_end, from_cache, atol=2e-2 * np.abs(end_to_end).max())
+
+
+def test_hybrid_fusion_blend_is_picked_on_val_and_never_lets_a_missing_modality_vote():
+    from fashion_tagging.model import blend_primary, choose_blend
+
+    rng = np.random.default_rng(0)
+    truth = rng.integers(0, 4, 200)
+    confident = np.eye(4)[truth] * 0.9 + 0.025  # always right
+    noisy = 0.5 * rng.dirichlet(np.ones(4), 200) + 0.125  # right ~1/4 of the time, never very sure
+    has_image = np.ones(200, bool)
+    has_text = np.ones(200, bool)
+    has_text[:50] = False
+    outputs = {s: {PRIMARY_HEAD: noisy, f"text_{PRIMARY_HEAD}": confident} for s in ("both", "image_only", "text_only")}
+    blend, report = choose_blend(outputs, noisy, has_image, has_text, truth)
+    assert blend["both"][0] > 0 and report["both"]["blended"] == 1.0  # the good text head is blended in
+    assert blend["image_only"] == [0.0, 0.0]  # the noisy expert gains nothing there: plain fused softmax kept
+    assert report["image_only"]["products"] == 200 and report["text_only"]["products"] == 150
+
+    # With no text, the text head never votes, whatever its weight.
+    probs = blend_primary(noisy, confident, None, has_image, np.zeros(200, bool), {"image_only": [2.0, 0.0]})
+    assert np.allclose(probs, noisy / noisy.sum(axis=1, keepdims=True))

@@ -206,8 +206,10 @@ def train(
         backbone = fine_tune_backbone(settings, model, text, label_maps, train_rows, val_rows, progress=progress)
         fit_seconds += time.perf_counter() - t0
 
-    blend, blend_report = choose_primary_blend(model, expert, val_rows, text, val_embeddings,
-                                               val_head_labels[PRIMARY_HEAD], settings.inference_batch_size)
+    blend, blend_report = {}, {}
+    if mode != "full":  # "full" changed the backbone under the val embeddings: they no longer apply
+        blend, blend_report = choose_primary_blend(model, expert, val_rows, text, val_embeddings,
+                                                   val_head_labels[PRIMARY_HEAD], settings.inference_batch_size)
 
     version = new_version(settings.backbone)
     artifact_dir = Path(output_dir or settings.artifacts_dir) / version

@@ -18,9 +18,9 @@ import pandas as pd
 from fashion_tagging.artifacts import FINE_TUNED_BACKBONE_FILE, Tagger
 from fashion_tagging.catalog import load_kaggle_catalog
 from fashion_tagging.features import catalog_image_embeddings
+from fashion_tagging.model import MODES, modality_view
 from fashion_tagging.settings import PRIMARY_HEAD, Settings
 
-MODES = ("fused", "image_only", "text_only")
 WEAK_SPOTS = 10
 CONFUSION_TOP_CLASSES = 30
 
@@ -41,14 +41,6 @@ def classification_scores(true: list[str], predicted: list[str]) -> dict:
     accuracy = float(np.mean(true_arr == pred_arr)) if len(true_arr) else 0.0
     macro_f1 = float(np.mean([c["f1"] for c in per_class.values()])) if per_class else 0.0
     return {"accuracy": round(accuracy, 4), "macro_f1": round(macro_f1, 4), "n": len(true_arr), "per_class": per_class}
-
-
-def _mode_inputs(mode: str, embeddings, has_image, texts):
-    if mode == "image_only":
-        return embeddings, has_image, [""] * len(texts)
-    if mode == "text_only":
-        return np.zeros_like(embeddings), np.zeros_like(has_image), texts
-    return embeddings, has_image, texts
 
 
 def confusion_png(true: list[str], predicted: list[str], path: Path, title: str) -> None:
@@ -133,7 +125,7 @@ def evaluate(artifact_dir: str | Path, settings: Settings, *, split: str = "test
     texts = rows["text"].fillna("").tolist()
     modes, predictions = {}, {}
     for mode in MODES:
-        vectors, has_image, mode_texts = _mode_inputs(mode, embeddings.vectors, embeddings.has_image, texts)
+        vectors, has_image, mode_texts = modality_view(mode, embeddings.vectors, embeddings.has_image, texts)
         preds = tagger.predict_embeddings(vectors, has_image, mode_texts)
         predictions[mode] = preds
         heads = tagger.heads if mode == "fused" else (PRIMARY_HEAD,)

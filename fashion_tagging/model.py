@@ -136,6 +136,18 @@ def build_head_model(label_sizes: dict[str, int], *, vocabulary_size: int, seque
     )
 
 
+MODES = ("fused", "image_only", "text_only")
+
+
+def modality_view(mode: str, embeddings: np.ndarray, has_image: np.ndarray, texts: list) -> tuple:
+    """(embeddings, has_image, texts) as if the products had only the modalities ``mode`` names."""
+    if mode == "image_only":
+        return embeddings, has_image, [""] * len(texts)
+    if mode == "text_only":
+        return np.zeros_like(embeddings), np.zeros_like(has_image), texts
+    return embeddings, has_image, texts
+
+
 # Hybrid fusion at inference: the primary head's fused softmax is blended (log-linearly) with
 # the text-only auxiliary head and the image expert (the "top" fine-tuning classifiers), with
 # weights picked on val per situation (both modalities, image only, text only) from this grid.

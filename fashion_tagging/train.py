@@ -23,8 +23,8 @@ from fashion_tagging.artifacts import FINE_TUNED_BACKBONE_FILE, IMAGE_EXPERT_FIL
 from fashion_tagging.catalog import load_kaggle_catalog
 from fashion_tagging.images import decode_tensor, resize_and_pad
 from fashion_tagging.features import catalog_image_embeddings
-from fashion_tagging.model import (AUXILIARY_HEADS, LabelMap, TextEncoder, build_head_model, choose_blend,
-                                   compile_head_model, save_encoders)
+from fashion_tagging.model import (AUXILIARY_HEADS, BLEND_SITUATIONS, MODES, LabelMap, TextEncoder, build_head_model,
+                                   choose_blend, compile_head_model, modality_view, save_encoders)
 from fashion_tagging.settings import HEADS, IMAGE_EMBEDDING_DIM, PRIMARY_HEAD, Settings
 
 log = logging.getLogger(__name__)
@@ -250,17 +250,17 @@ def train(
 def choose_primary_blend(model: keras.Model, expert: keras.Model | None, rows: pd.DataFrame, text: TextEncoder,
                          embeddings, truth: np.ndarray, batch_size: int) -> tuple[dict, dict]:
     """Pick the hybrid-fusion blend on val: the head model in all three modality settings + the expert."""
-    inputs = encode_products(rows, text, embeddings)
-    no_text = {**inputs, "tokens": text.encode([""] * len(rows)), "has_text": np.zeros_like(inputs["has_text"])}
-    no_image = {**inputs, "image_embedding": np.zeros_like(inputs["image_embedding"]),
-                "has_image": np.zeros_like(inputs["has_image"])}
-    outputs = {situation: model.predict(x, batch_size=batch_size, verbose=0)
-               for situation, x in (("both", inputs), ("image_only", no_text), ("text_only", no_image))}
+    texts = rows["text"].fillna("").tolist()
+    outputs = {}
+    for situation, mode in zip(BLEND_SITUATIONS, MODES, strict=True):
+        vectors, has_image, mode_texts = modality_view(mode, embeddings.vectors, embeddings.has_image, texts)
+        has_text = np.array([bool(t.strip()) for t in mode_texts], dtype=bool)
+        outputs[situation] = model.predict(model_inputs(vectors, has_image, text.encode(mode_texts), has_text),
+                                           batch_size=batch_size, verbose=0)
     expert_probs = None
     if expert is not None:
-        expert_probs = np.asarray(expert.predict(inputs["image_embedding"], batch_size=batch_size,
-                                                 verbose=0)[PRIMARY_HEAD])
-    has_text = inputs["has_text"][:, 0] > 0
+        expert_probs = np.asarray(expert.predict(embeddings.vectors, batch_size=batch_size, verbose=0)[PRIMARY_HEAD])
+    has_text = np.array([bool(t.strip()) for t in texts], dtype=bool)
     blend, report = choose_blend(outputs, expert_probs, embeddings.has_image, has_text, truth)
     log.info("hybrid-fusion blend chosen on val: %s (%s)", blend, report)
     return blend, report

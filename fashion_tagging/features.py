@@ -47,6 +47,20 @@ def cache_path(cache_dir: Path, backbone: str, image_size: int) -> Path:
     return Path(cache_dir) / CACHE_SUBDIR / f"{backbone}-{image_size}.npz"
 
 
+def cache_serves(data, with_top_inputs: bool) -> bool:
+    """Whether an opened cache file can answer: one without last-block inputs cannot when they are needed."""
+    return "top_inputs" in data.files or not with_top_inputs
+
+
+def cached_product_ids(cache_dir: Path, backbone: str, image_size: int, *, with_top_inputs: bool = False) -> set[int]:
+    """Products whose embedding (and, if asked, last-block inputs) the cache already holds."""
+    path = cache_path(cache_dir, backbone, image_size)
+    if not path.is_file():
+        return set()
+    with np.load(path) as data:
+        return {int(i) for i in data["ids"]} if cache_serves(data, with_top_inputs) else set()
+
+
 def embed_image_files(paths: list[str], backbone, image_size: int, batch_size: int, *, progress: bool = True,
                       with_top_inputs: bool = False):
     """Run the backbone over image files; returns (vectors, top_inputs or None, ok), unreadable files not ok."""
@@ -91,10 +105,9 @@ def catalog_image_embeddings(
     cached_top = None
     if path.is_file():
         with np.load(path) as data:
-            has_top = "top_inputs" in data.files
-            if has_top or not with_top_inputs:
+            if cache_serves(data, with_top_inputs):
                 cached_ids, cached_vectors = data["ids"], data["vectors"]
-                cached_top = data["top_inputs"] if has_top else None
+                cached_top = data["top_inputs"] if "top_inputs" in data.files else None
             else:
                 log.info("embedding cache %s has no last-block inputs: rebuilding it with them", path)
         cached = {int(i): row for row, i in enumerate(cached_ids)}

@@ -199,16 +199,10 @@ def materialize_images(settings: Settings, frame, *, backbone: str, image_size: 
 
     ``need_top_inputs``: a cache without the last block's activations does not count (it is rebuilt).
     """
-    from fashion_tagging.features import cache_path
+    from fashion_tagging.features import cached_product_ids
 
-    cached_ids: set[int] = set()
-    cache_file = cache_path(settings.cache_dir, backbone, image_size)
-    if cache_file.is_file() and not need_all_images:
-        import numpy as np
-
-        with np.load(cache_file) as data:
-            if "top_inputs" in data.files or not need_top_inputs:
-                cached_ids = {int(i) for i in data["ids"]}
+    cached_ids: set[int] = set() if need_all_images else cached_product_ids(
+        settings.cache_dir, backbone, image_size, with_top_inputs=need_top_inputs)
     image_dir = settings.cache_dir / "images"
     paths, to_fetch = [], {}
     for pid, key in zip(frame["id"], frame["image_key"], strict=True):

@@ -1,7 +1,8 @@
 """A trained model as one self-contained directory, and :class:`Tagger`, the model at inference.
 
 Directory: ``model.keras`` (head model), ``config.json``, ``vocabulary.json``, ``labels.json``,
-``metrics.json`` + ``report.md`` + ``confusion_articleType.png`` once evaluated, and
+``metrics.json`` + ``report.md`` + ``confusion_articleType.png`` once evaluated,
+``text_expert.keras`` (and ``image_expert.keras`` after "top" fine-tuning) for hybrid fusion, and
 ``backbone.weights.h5`` only when the backbone was fine-tuned (otherwise the backbone is
 rebuilt from its pretrained weights by name).
 """
@@ -20,10 +21,12 @@ import numpy as np
 from fashion_tagging.images import to_model_size
 from fashion_tagging.model import blend_primary, load_encoders
 from fashion_tagging.settings import IMAGE_EMBEDDING_DIM, PRIMARY_HEAD, Settings
+from fashion_tagging.text_expert import predict_text_expert
 
 log = logging.getLogger(__name__)
 FINE_TUNED_BACKBONE_FILE = "backbone.weights.h5"
 IMAGE_EXPERT_FILE = "image_expert.keras"  # image-only classifiers from "top" fine-tuning
+TEXT_EXPERT_FILE = "text_expert.keras"  # TF-IDF linear articleType classifier (text_expert.py)
 
 
 @dataclasses.dataclass
@@ -76,6 +79,9 @@ class Tagger:
         self._backbone = None
         expert_path = self.artifact_dir / IMAGE_EXPERT_FILE
         self.image_expert = keras.saving.load_model(expert_path, compile=False) if expert_path.is_file() else None
+        text_expert_path = self.artifact_dir / TEXT_EXPERT_FILE
+        self.text_expert = keras.saving.load_model(text_expert_path, compile=False) \
+            if text_expert_path.is_file() else None
 
     @classmethod
     def load(cls, artifact_dir: str | Path) -> "Tagger":
@@ -132,14 +138,16 @@ class Tagger:
         embeddings, has_image = self.image_embeddings(images, batch_size=min(batch_size, 64))
         return self.predict_embeddings(embeddings, has_image, texts, batch_size=batch_size, top_k=top_k)
 
-    def _blended_primary(self, outputs: dict, embeddings: np.ndarray, has_image: np.ndarray,
+    def _blended_primary(self, outputs: dict, embeddings: np.ndarray, has_image: np.ndarray, texts: list[str],
                          has_text: np.ndarray, batch_size: int) -> np.ndarray:
         """Hybrid fusion for the primary head with the blend chosen on val at training time."""
-        expert = None
+        expert = text_expert = None
         if self.image_expert is not None and has_image.any():
             expert = np.asarray(self.image_expert.predict(embeddings, batch_size=batch_size, verbose=0)[PRIMARY_HEAD])
+        if self.text_expert is not None and has_text.any():
+            text_expert = predict_text_expert(self.text_expert, texts, batch_size)
         return blend_primary(np.asarray(outputs[PRIMARY_HEAD]), np.asarray(outputs[f"text_{PRIMARY_HEAD}"]), expert,
-                             has_image, has_text, self.config["primary_blend"])
+                             has_image, has_text, self.config["primary_blend"], text_expert)
 
     def predict_embeddings(self, embeddings: np.ndarray, has_image: np.ndarray, texts: Sequence[str], *,
                            batch_size: int = 256, top_k: int = 3) -> TagPredictions:
@@ -156,8 +164,8 @@ class Tagger:
         outputs = self.model.predict(inputs, batch_size=batch_size, verbose=0) if len(texts) else None
         if outputs is not None and self.config.get("primary_blend"):
             outputs = dict(outputs)
-            outputs[PRIMARY_HEAD] = self._blended_primary(outputs, inputs["image_embedding"], has_image, has_text,
-                                                          batch_size)
+            outputs[PRIMARY_HEAD] = self._blended_primary(outputs, inputs["image_embedding"], has_image, texts,
+                                                          has_text, batch_size)
         labels, confidences, tops = {}, {}, {}
         for head in self.heads:
             names = self.label_maps[head].labels

@@ -8,6 +8,7 @@ output doubles as the product embedding for similar-product search, then one sof
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -149,8 +150,9 @@ def modality_view(mode: str, embeddings: np.ndarray, has_image: np.ndarray, text
 
 
 # Hybrid fusion at inference: the primary head's fused softmax is blended (log-linearly) with
-# the text-only auxiliary head and the image expert (the "top" fine-tuning classifiers), with
-# weights picked on val per situation (both modalities, image only, text only) from this grid.
+# the text-only auxiliary head, the image expert (the "top" fine-tuning classifiers) and the
+# text expert (TF-IDF linear, see text_expert.py), with weights picked on val per situation
+# (both modalities, image only, text only) from this grid.
 BLEND_GRID = (0.0, 0.25, 0.5, 1.0, 2.0)
 BLEND_SITUATIONS = ("both", "image_only", "text_only")
 _LOG_FLOOR = 1e-7
@@ -162,17 +164,21 @@ def situation_masks(has_image: np.ndarray, has_text: np.ndarray) -> dict[str, np
 
 
 def blend_primary(fused: np.ndarray, text_head: np.ndarray, expert: np.ndarray | None, has_image: np.ndarray,
-                  has_text: np.ndarray, blend: dict) -> np.ndarray:
-    """Primary-head probabilities: fused · text_head^wt · expert^wi, renormalised, per situation.
+                  has_text: np.ndarray, blend: dict, text_expert: np.ndarray | None = None) -> np.ndarray:
+    """Primary-head probabilities: fused · text_head^wt · expert^wi · text_expert^wx, renormalised.
 
-    ``blend`` maps a situation to ``[wt, wi]``; a text weight only applies where there is text
-    and an image weight only where there is an image, so a missing modality never votes.
+    ``blend`` maps a situation to ``[wt, wi]`` or ``[wt, wi, wx]``; text weights only apply
+    where there is text and the image weight only where there is an image, so a missing
+    modality never votes.
     """
     log_p = np.log(np.maximum(fused, _LOG_FLOOR))
     for situation, rows in situation_masks(has_image, has_text).items():
-        text_weight, image_weight = blend.get(situation, (0.0, 0.0))
-        if text_weight and situation != "image_only":
-            log_p[rows] += text_weight * np.log(np.maximum(text_head[rows], _LOG_FLOOR))
+        text_weight, image_weight, text_expert_weight = (list(blend.get(situation, ())) + [0.0, 0.0, 0.0])[:3]
+        if situation != "image_only":
+            if text_weight:
+                log_p[rows] += text_weight * np.log(np.maximum(text_head[rows], _LOG_FLOOR))
+            if text_expert_weight and text_expert is not None:
+                log_p[rows] += text_expert_weight * np.log(np.maximum(text_expert[rows], _LOG_FLOOR))
         if image_weight and expert is not None and situation != "text_only":
             log_p[rows] += image_weight * np.log(np.maximum(expert[rows], _LOG_FLOOR))
     log_p -= log_p.max(axis=1, keepdims=True)
@@ -181,13 +187,13 @@ def blend_primary(fused: np.ndarray, text_head: np.ndarray, expert: np.ndarray |
 
 
 def choose_blend(mode_outputs: dict, expert: np.ndarray | None, has_image: np.ndarray, has_text: np.ndarray,
-                 truth: np.ndarray) -> tuple[dict, dict]:
+                 truth: np.ndarray, text_expert: np.ndarray | None = None) -> tuple[dict, dict]:
     """Blend weights per situation that maximise primary-head accuracy on (val) products.
 
     ``mode_outputs`` holds the head model's outputs on the same products with both modalities
     ("both"), the text removed ("image_only") and the image removed ("text_only"). Ties keep
     the smaller weights, so without a measurable gain the plain fused softmax is kept.
-    Returns (blend, {situation: {"products", "fused", "blended"} accuracies}).
+    Returns (blend: {situation: [wt, wi, wx]}, {situation: {"products", "fused", "blended"}}).
     """
     blend, report = {}, {}
     aux_text = f"text_{PRIMARY_HEAD}"
@@ -198,23 +204,26 @@ def choose_blend(mode_outputs: dict, expert: np.ndarray | None, has_image: np.nd
         rows = (image & text if situation == "both" else image if situation == "image_only" else text) & labelled
         outputs = mode_outputs[situation]
         text_grid = BLEND_GRID if situation != "image_only" else (0.0,)
+        text_expert_grid = BLEND_GRID if situation != "image_only" and text_expert is not None else (0.0,)
         image_grid = BLEND_GRID if situation != "text_only" and expert is not None else (0.0,)
         scored = []
-        for text_weight in text_grid:
-            for image_weight in image_grid:
-                probs = blend_primary(outputs[PRIMARY_HEAD][rows], outputs[aux_text][rows],
-                                      None if expert is None else expert[rows], image[rows], text[rows],
-                                      {situation: (text_weight, image_weight)})
-                accuracy = float(np.mean(probs.argmax(axis=1) == truth[rows])) if rows.any() else 0.0
-                scored.append((accuracy, -(text_weight + image_weight), text_weight, image_weight))
+        for weights in itertools.product(text_grid, image_grid, text_expert_grid):
+            probs = blend_primary(outputs[PRIMARY_HEAD][rows], outputs[aux_text][rows],
+                                  None if expert is None else expert[rows], image[rows], text[rows],
+                                  {situation: weights}, None if text_expert is None else text_expert[rows])
+            accuracy = float(np.mean(probs.argmax(axis=1) == truth[rows])) if rows.any() else 0.0
+            scored.append((accuracy, -sum(weights), *weights))
         best = max(scored)
-        blend[situation] = [best[2], best[3]]
+        blend[situation] = list(best[2:])
         report[situation] = {"products": int(rows.sum()), "fused": scored[0][0], "blended": best[0]}
     return blend, report
 
 
-def compile_head_model(model: keras.Model, heads, learning_rate: float) -> None:
-    """Adam + (sparse) categorical cross-entropy per head; the embedding output carries no loss."""
+def compile_head_model(model: keras.Model, heads, learning_rate) -> None:
+    """Adam + (sparse) categorical cross-entropy per head; the embedding output carries no loss.
+
+    ``learning_rate`` is a float or a ``keras.optimizers.schedules`` schedule.
+    """
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
         loss={head: keras.losses.SparseCategoricalCrossentropy() for head in heads},

@@ -11,6 +11,7 @@ import dataclasses
 import datetime as dt
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -19,13 +20,14 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from fashion_tagging.artifacts import FINE_TUNED_BACKBONE_FILE, IMAGE_EXPERT_FILE
+from fashion_tagging.artifacts import FINE_TUNED_BACKBONE_FILE, IMAGE_EXPERT_FILE, TEXT_EXPERT_FILE
 from fashion_tagging.catalog import load_kaggle_catalog
 from fashion_tagging.images import decode_tensor, resize_and_pad
 from fashion_tagging.features import catalog_image_embeddings
 from fashion_tagging.model import (AUXILIARY_HEADS, BLEND_SITUATIONS, MODES, LabelMap, TextEncoder, build_head_model,
                                    choose_blend, compile_head_model, modality_view, save_encoders)
 from fashion_tagging.settings import HEADS, IMAGE_EMBEDDING_DIM, PRIMARY_HEAD, Settings
+from fashion_tagging.text_expert import fit_text_expert, predict_text_expert
 
 log = logging.getLogger(__name__)
 DROP_IMAGE_PROBABILITY = 0.25
@@ -37,8 +39,10 @@ FINE_TUNE_TRAINABLE_FRACTION = 0.3  # unfreeze the top 30 % of backbone layers (
 # "full": the top 30 % of the backbone end to end on pixels (a GPU job); "none": frozen backbone.
 FINE_TUNE_MODES = ("none", "top", "full")
 TOP_TUNE_WARMUP_LEARNING_RATE = 1e-3  # one epoch for the new heads while the block stays frozen
-TOP_TUNE_LEARNING_RATE = 3e-4  # val image-only 0.8708 (vs 0.8678 at 1e-4, both after 8 epochs)
-TOP_TUNE_PATIENCE = 2
+# Cosine decay from this peak over the stage's epochs: val image-only 0.8832 after 10 epochs, against
+# 0.8809 at a constant 3e-4 (0.8708 after 8; 0.8678 at 1e-4) and 0.8795 with weight averaging (EMA).
+TOP_TUNE_LEARNING_RATE = 5e-4
+TOP_TUNE_FINAL_LEARNING_RATE_FRACTION = 0.02
 
 
 @dataclasses.dataclass
@@ -206,9 +210,14 @@ def train(
         backbone = fine_tune_backbone(settings, model, text, label_maps, train_rows, val_rows, progress=progress)
         fit_seconds += time.perf_counter() - t0
 
+    t0 = time.perf_counter()
+    text_expert = fit_text_expert(train_rows["text"].tolist(), head_labels[PRIMARY_HEAD], len(label_maps[PRIMARY_HEAD]),
+                                  seed=settings.seed, progress=progress)
+    text_expert_seconds = time.perf_counter() - t0
+
     blend, blend_report = {}, {}
     if mode != "full":  # "full" changed the backbone under the val embeddings: they no longer apply
-        blend, blend_report = choose_primary_blend(model, expert, val_rows, text, val_embeddings,
+        blend, blend_report = choose_primary_blend(model, expert, text_expert, val_rows, text, val_embeddings,
                                                    val_head_labels[PRIMARY_HEAD], settings.inference_batch_size)
 
     version = new_version(settings.backbone)
@@ -219,12 +228,14 @@ def train(
         backbone.save_weights(artifact_dir / FINE_TUNED_BACKBONE_FILE)
     if expert is not None:
         expert.save(artifact_dir / IMAGE_EXPERT_FILE)
+    if text_expert is not None:
+        text_expert.save(artifact_dir / TEXT_EXPERT_FILE)
     save_encoders(artifact_dir, text, label_maps)
     history_dict = {k: [float(v) for v in values] for k, values in history.history.items()}
     if top_history:
         history_dict["backbone_top"] = top_history
     timings = {"embedding_seconds": round(embedding_seconds, 1), "fit_seconds": round(fit_seconds, 1),
-               "backbone_top_seconds": round(top_seconds, 1),
+               "backbone_top_seconds": round(top_seconds, 1), "text_expert_seconds": round(text_expert_seconds, 1),
                "train_seconds": round(time.perf_counter() - started, 1)}
     config = {
         "version": version, "backbone": settings.backbone, "image_size": settings.image_size,
@@ -247,9 +258,10 @@ def train(
     return TrainResult(artifact_dir, version, history_dict, timings)
 
 
-def choose_primary_blend(model: keras.Model, expert: keras.Model | None, rows: pd.DataFrame, text: TextEncoder,
-                         embeddings, truth: np.ndarray, batch_size: int) -> tuple[dict, dict]:
-    """Pick the hybrid-fusion blend on val: the head model in all three modality settings + the expert."""
+def choose_primary_blend(model: keras.Model, expert: keras.Model | None, text_expert: keras.Model | None,
+                         rows: pd.DataFrame, text: TextEncoder, embeddings, truth: np.ndarray,
+                         batch_size: int) -> tuple[dict, dict]:
+    """Pick the hybrid-fusion blend on val: the head model in all three modality settings + both experts."""
     texts = rows["text"].fillna("").tolist()
     outputs = {}
     for situation, mode in zip(BLEND_SITUATIONS, MODES, strict=True):
@@ -260,8 +272,9 @@ def choose_primary_blend(model: keras.Model, expert: keras.Model | None, rows: p
     expert_probs = None
     if expert is not None:
         expert_probs = np.asarray(expert.predict(embeddings.vectors, batch_size=batch_size, verbose=0)[PRIMARY_HEAD])
+    text_expert_probs = None if text_expert is None else predict_text_expert(text_expert, texts, batch_size)
     has_text = np.array([bool(t.strip()) for t in texts], dtype=bool)
-    blend, report = choose_blend(outputs, expert_probs, embeddings.has_image, has_text, truth)
+    blend, report = choose_blend(outputs, expert_probs, embeddings.has_image, has_text, truth, text_expert_probs)
     log.info("hybrid-fusion blend chosen on val: %s (%s)", blend, report)
     return blend, report
 
@@ -373,11 +386,16 @@ def tune_backbone_top(settings: Settings, backbone: keras.Model, label_maps: dic
     top.trainable = True
     for layer in top.layers:
         layer.trainable = not isinstance(layer, keras.layers.BatchNormalization)
-    compile_head_model(model, tuple(label_maps), TOP_TUNE_LEARNING_RATE)
+    steps = math.ceil(len(train_top) / settings.batch_size) * settings.top_tune_epochs
+    compile_head_model(model, tuple(label_maps), keras.optimizers.schedules.CosineDecay(
+        TOP_TUNE_LEARNING_RATE, steps, alpha=TOP_TUNE_FINAL_LEARNING_RATE_FRACTION))
+    # The whole schedule runs (stopping early would skip the low-rate epochs that help most);
+    # the best val epoch is kept.
     monitor = f"val_{PRIMARY_HEAD}_acc"
+    keep_best = keras.callbacks.EarlyStopping(monitor=monitor, mode="max", patience=settings.top_tune_epochs,
+                                              restore_best_weights=True)
     tuned = model.fit(train_data, validation_data=val_data, epochs=settings.top_tune_epochs, verbose=verbose,
-                      callbacks=[keras.callbacks.EarlyStopping(monitor=monitor, mode="max", patience=TOP_TUNE_PATIENCE,
-                                                               restore_best_weights=True)])
+                      callbacks=[keep_best])
     return expert, {k: [float(v) for v in warmup.history[k] + tuned.history[k]] for k in tuned.history}
 
 

@@ -39,7 +39,7 @@ def test_head_model_has_every_head_and_the_product_embedding():
 def test_tiny_train_artifact_round_trip_and_missing_modalities(tiny_artifact, kaggle_slice_dir):
     files = {p.name for p in tiny_artifact.iterdir()}
     assert {"model.keras", "config.json", "vocabulary.json", "labels.json", "metrics.json", "report.md",
-            f"confusion_{PRIMARY_HEAD}.png"} <= files
+            f"confusion_{PRIMARY_HEAD}.png", "text_expert.keras"} <= files
     metrics = json.loads((tiny_artifact / "metrics.json").read_text())["test"]
     assert set(metrics["modes"]) == {"fused", "image_only", "text_only"}
     assert set(metrics["modes"]["fused"]) == set(HEADS)
@@ -133,9 +133,19 @@ def test_hybrid_fusion_blend_is_picked_on_val_and_never_lets_a_missing_modality_
     outputs = {s: {PRIMARY_HEAD: noisy, f"text_{PRIMARY_HEAD}": confident} for s in ("both", "image_only", "text_only")}
     blend, report = choose_blend(outputs, noisy, has_image, has_text, truth)
     assert blend["both"][0] > 0 and report["both"]["blended"] == 1.0  # the good text head is blended in
-    assert blend["image_only"] == [0.0, 0.0]  # the noisy expert gains nothing there: plain fused softmax kept
+    assert blend["image_only"] == [0.0, 0.0, 0.0]  # the noisy expert gains nothing there: plain fused softmax kept
     assert report["image_only"]["products"] == 200 and report["text_only"]["products"] == 150
 
-    # With no text, the text head never votes, whatever its weight.
-    probs = blend_primary(noisy, confident, None, has_image, np.zeros(200, bool), {"image_only": [2.0, 0.0]})
+    # A text expert that is always right is picked where there is text, never where there is none.
+    quiet = {s: {PRIMARY_HEAD: noisy, f"text_{PRIMARY_HEAD}": noisy} for s in outputs}
+    blend, report = choose_blend(quiet, None, has_image, has_text, truth, text_expert=confident)
+    assert blend["both"][2] > 0 and report["both"]["blended"] == 1.0
+    assert blend["image_only"] == [0.0, 0.0, 0.0]
+
+    # With no text, neither the text head nor the text expert votes, whatever their weights.
+    probs = blend_primary(noisy, confident, None, has_image, np.zeros(200, bool), {"image_only": [2.0, 0.0, 2.0]},
+                          text_expert=confident)
     assert np.allclose(probs, noisy / noisy.sum(axis=1, keepdims=True))
+    # Blends saved before the text expert existed ([wt, wi]) still apply.
+    old = blend_primary(noisy, confident, None, has_image, has_text, {"both": [1.0, 0.0]}, text_expert=confident)
+    assert np.allclose(old, blend_primary(noisy, confident, None, has_image, has_text, {"both": [1.0, 0.0, 0.0]}))

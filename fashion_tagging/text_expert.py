@@ -49,7 +49,9 @@ def fit_text_expert(texts: list[str], labels: np.ndarray, num_classes: int, *, s
     vectorizer = keras.layers.TextVectorization(max_tokens=VOCABULARY_SIZE, ngrams=NGRAMS, output_mode="tf_idf",
                                                 name="text_expert_tfidf")
     vectorizer.adapt(tf.data.Dataset.from_tensor_slices(texts).batch(VECTORIZE_CHUNK))
-    classifier = keras.layers.Dense(num_classes, activation="softmax", name="text_expert_softmax", dtype="float32")
+    # Zero start, as usual for a linear softmax: an n-gram the training texts never show keeps no vote.
+    classifier = keras.layers.Dense(num_classes, activation="softmax", kernel_initializer="zeros",
+                                    name="text_expert_softmax", dtype="float32")
 
     sparse_rows = keras.Input((vectorizer.vocabulary_size(),), sparse=True, name="tfidf")
     trainer = keras.Model(sparse_rows, classifier(sparse_rows), name="text_expert_trainer")

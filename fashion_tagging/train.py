@@ -210,13 +210,12 @@ def train(
         backbone = fine_tune_backbone(settings, model, text, label_maps, train_rows, val_rows, progress=progress)
         fit_seconds += time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    text_expert = fit_text_expert(train_rows["text"].tolist(), head_labels[PRIMARY_HEAD], len(label_maps[PRIMARY_HEAD]),
-                                  seed=settings.seed, progress=progress)
-    text_expert_seconds = time.perf_counter() - t0
-
-    blend, blend_report = {}, {}
+    blend, blend_report, text_expert, text_expert_seconds = {}, {}, None, 0.0
     if mode != "full":  # "full" changed the backbone under the val embeddings: they no longer apply
+        t0 = time.perf_counter()
+        text_expert = fit_text_expert(train_rows["text"].tolist(), head_labels[PRIMARY_HEAD],
+                                      len(label_maps[PRIMARY_HEAD]), seed=settings.seed, progress=progress)
+        text_expert_seconds = time.perf_counter() - t0
         blend, blend_report = choose_primary_blend(model, expert, text_expert, val_rows, text, val_embeddings,
                                                    val_head_labels[PRIMARY_HEAD], settings.inference_batch_size)
 

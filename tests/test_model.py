@@ -149,3 +149,22 @@ def test_hybrid_fusion_blend_is_picked_on_val_and_never_lets_a_missing_modality_
     # Blends saved before the text expert existed ([wt, wi]) still apply.
     old = blend_primary(noisy, confident, None, has_image, has_text, {"both": [1.0, 0.0]}, text_expert=confident)
     assert np.allclose(old, blend_primary(noisy, confident, None, has_image, has_text, {"both": [1.0, 0.0, 0.0]}))
+
+
+def test_text_expert_learns_from_text_alone_and_survives_a_round_trip(tmp_path):
+    import keras
+
+    from fashion_tagging.text_expert import fit_text_expert, predict_text_expert
+
+    texts = ["nike men blue running shoes", "puma women red tshirt", "adidas men black sports shoes",
+             "roadster women white tshirt", "", "reebok men grey running shoes", "mango women tshirt",
+             "hrx women yellow tshirt"] * 200
+    labels = np.array([0, 1, 0, 1, 1, 0, -1, 1] * 200)  # "" and the unlabelled product never train it
+    expert = fit_text_expert(texts, labels, num_classes=2, seed=0)
+    probs = predict_text_expert(expert, ["reebok men black running shoes", "mango women red tshirt", None], batch_size=2)
+    assert probs.shape == (3, 2) and np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    assert probs[0].argmax() == 0 and probs[1].argmax() == 1
+    expert.save(tmp_path / "text_expert.keras")
+    again = keras.saving.load_model(tmp_path / "text_expert.keras", compile=False)
+    assert np.allclose(predict_text_expert(again, ["reebok men black running shoes"], batch_size=2), probs[:1], atol=1e-6)
+    assert fit_text_expert(["", "  "], np.array([0, 1]), num_classes=2, seed=0) is None

@@ -141,13 +141,16 @@ class Tagger:
     def _blended_primary(self, outputs: dict, embeddings: np.ndarray, has_image: np.ndarray, texts: list[str],
                          has_text: np.ndarray, batch_size: int) -> np.ndarray:
         """Hybrid fusion for the primary head with the blend chosen on val at training time."""
+        blend = self.config["primary_blend"]
+        # An expert whose weight is 0 in every situation is not run: tagging is the hot path.
+        image_weighted, text_weighted = (any(len(w) > i and w[i] for w in blend.values()) for i in (1, 2))
         expert = text_expert = None
-        if self.image_expert is not None and has_image.any():
+        if self.image_expert is not None and image_weighted and has_image.any():
             expert = np.asarray(self.image_expert.predict(embeddings, batch_size=batch_size, verbose=0)[PRIMARY_HEAD])
-        if self.text_expert is not None and has_text.any():
+        if self.text_expert is not None and text_weighted and has_text.any():
             text_expert = predict_text_expert(self.text_expert, texts, batch_size)
         return blend_primary(np.asarray(outputs[PRIMARY_HEAD]), np.asarray(outputs[f"text_{PRIMARY_HEAD}"]), expert,
-                             has_image, has_text, self.config["primary_blend"], text_expert)
+                             has_image, has_text, blend, text_expert)
 
     def predict_embeddings(self, embeddings: np.ndarray, has_image: np.ndarray, texts: Sequence[str], *,
                            batch_size: int = 256, top_k: int = 3) -> TagPredictions:

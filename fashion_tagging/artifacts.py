@@ -19,7 +19,7 @@ import keras
 import numpy as np
 
 from fashion_tagging.images import to_model_size
-from fashion_tagging.model import blend_primary, load_encoders
+from fashion_tagging.model import blend_primary, blend_weights, load_encoders
 from fashion_tagging.settings import IMAGE_EMBEDDING_DIM, PRIMARY_HEAD, Settings
 from fashion_tagging.text_expert import predict_text_expert
 
@@ -143,7 +143,8 @@ class Tagger:
         """Hybrid fusion for the primary head with the blend chosen on val at training time."""
         blend = self.config["primary_blend"]
         # An expert whose weight is 0 in every situation is not run: tagging is the hot path.
-        image_weighted, text_weighted = (any(len(w) > i and w[i] for w in blend.values()) for i in (1, 2))
+        weights = [blend_weights(entry) for entry in blend.values()]
+        image_weighted, text_weighted = (any(w[i] for w in weights) for i in (1, 2))
         expert = text_expert = None
         if self.image_expert is not None and image_weighted and has_image.any():
             expert = np.asarray(self.image_expert.predict(embeddings, batch_size=batch_size, verbose=0)[PRIMARY_HEAD])

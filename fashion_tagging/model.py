@@ -163,6 +163,12 @@ def situation_masks(has_image: np.ndarray, has_text: np.ndarray) -> dict[str, np
     return {"both": has_image & has_text, "image_only": has_image & ~has_text, "text_only": ~has_image & has_text}
 
 
+def blend_weights(entry) -> tuple[float, float, float]:
+    """(text head, image expert, text expert) weights of one situation; blends saved before the
+    text expert existed hold only the first two, the missing ones are 0."""
+    return tuple((list(entry or ()) + [0.0, 0.0, 0.0])[:3])
+
+
 def blend_primary(fused: np.ndarray, text_head: np.ndarray, expert: np.ndarray | None, has_image: np.ndarray,
                   has_text: np.ndarray, blend: dict, text_expert: np.ndarray | None = None) -> np.ndarray:
     """Primary-head probabilities: fused · text_head^wt · expert^wi · text_expert^wx, renormalised.
@@ -173,7 +179,7 @@ def blend_primary(fused: np.ndarray, text_head: np.ndarray, expert: np.ndarray |
     """
     log_p = np.log(np.maximum(fused, _LOG_FLOOR))
     for situation, rows in situation_masks(has_image, has_text).items():
-        text_weight, image_weight, text_expert_weight = (list(blend.get(situation, ())) + [0.0, 0.0, 0.0])[:3]
+        text_weight, image_weight, text_expert_weight = blend_weights(blend.get(situation))
         if situation != "image_only":
             if text_weight:
                 log_p[rows] += text_weight * np.log(np.maximum(text_head[rows], _LOG_FLOOR))

@@ -153,7 +153,9 @@ def modality_view(mode: str, embeddings: np.ndarray, has_image: np.ndarray, text
 # the text-only auxiliary head, the image expert (the "top" fine-tuning classifiers) and the
 # text expert (TF-IDF linear, see text_expert.py), with weights picked on val per situation
 # (both modalities, image only, text only) from this grid.
-BLEND_GRID = (0.0, 0.25, 0.5, 1.0, 2.0)
+# Weights above 2 let a better specialist outvote the fused softmax: on val (cosine-12 fused model)
+# the image expert at 8 took image-only from 0.8848 to 0.8860, and both modalities went 0.9747 -> 0.9754.
+BLEND_GRID = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 BLEND_SITUATIONS = ("both", "image_only", "text_only")
 _LOG_FLOOR = 1e-7
 

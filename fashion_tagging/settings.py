@@ -49,7 +49,9 @@ class Settings:
     image_size: int = dataclasses.field(default_factory=lambda: int(_env("IMAGE_SIZE", "224")))
     max_text_tokens: int = dataclasses.field(default_factory=lambda: int(_env("MAX_TEXT_TOKENS", "100")))
     vocabulary_size: int = dataclasses.field(default_factory=lambda: int(_env("VOCABULARY_SIZE", "20000")))
-    epochs: int = dataclasses.field(default_factory=lambda: int(_env("EPOCHS", "20")))
+    # Fused-model epochs (early-stopped on val): on the full catalog epochs 13-20 added at most
+    # 0.0007 val accuracy for ~74 s each; a cosine schedule over 12 epochs ended lower (0.9612).
+    epochs: int = dataclasses.field(default_factory=lambda: int(_env("EPOCHS", "12")))
     batch_size: int = dataclasses.field(default_factory=lambda: int(_env("BATCH_SIZE", "64")))
     learning_rate: float = dataclasses.field(default_factory=lambda: float(_env("LEARNING_RATE", "1e-3")))
     seed: int = dataclasses.field(default_factory=lambda: int(_env("SEED", "42")))

@@ -92,11 +92,15 @@ class TextEncoder:
         return tokens
 
 
-def build_head_model(label_sizes: dict[str, int], *, vocabulary_size: int, sequence_length: int) -> keras.Model:
-    """Image embedding + text tokens -> per-head softmax, plus the product embedding output."""
+def build_head_model(label_sizes: dict[str, int], *, vocabulary_size: int) -> keras.Model:
+    """Image embedding + text tokens -> per-head softmax, plus the product embedding output.
+
+    Tokens may come in any length: the encoder pads to ``max_text_tokens``, and training trims a
+    batch's trailing padding (masked, so the outputs are the same) to save LSTM steps.
+    """
     image_embedding = keras.Input((IMAGE_EMBEDDING_DIM,), name="image_embedding")
     has_image = keras.Input((1,), name="has_image")
-    tokens = keras.Input((sequence_length,), dtype="int64", name="tokens")
+    tokens = keras.Input((None,), dtype="int64", name="tokens")
     has_text = keras.Input((1,), name="has_text")
 
     # Pooled ReLU6 features have very different scales per channel: normalise before projecting.

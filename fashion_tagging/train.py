@@ -32,6 +32,8 @@ from fashion_tagging.text_expert import fit_text_expert, predict_text_expert
 log = logging.getLogger(__name__)
 DROP_IMAGE_PROBABILITY = 0.25
 DROP_TEXT_PROBABILITY = 0.25
+# Training batches hold texts within this many tokens of each other (see make_dataset).
+TEXT_BUCKET_WIDTH = 20
 EARLY_STOPPING_PATIENCE = 5  # val accuracy still crept up after 3 flat epochs (0.9712 at 8 and 11)
 FINE_TUNE_LEARNING_RATE = 1e-4
 FINE_TUNE_TRAINABLE_FRACTION = 0.3  # unfreeze the top 30 % of backbone layers (BatchNorm stays frozen)
@@ -109,14 +111,42 @@ def targets_and_weights(labels: dict) -> tuple[dict, dict]:
     return targets, weights
 
 
+def token_lengths(tokens: tf.Tensor) -> tf.Tensor:
+    """Tokens before the padding (padding is id 0 and only ever trails)."""
+    return tf.reduce_sum(tf.cast(tokens > 0, tf.int32), axis=-1)
+
+
+def _trim_padding(inputs, labels, weights):
+    """Cut a batch's tokens to its longest text, rounded up to a bucket boundary.
+
+    The LSTM runs one step per token column whether or not it is padding; padding is masked,
+    so trimming it changes no output (a test checks) and saves those steps.
+    """
+    tokens = inputs["tokens"]
+    padded = tf.shape(tokens)[1]
+    longest = tf.reduce_max(token_lengths(tokens))
+    keep = tf.minimum(padded, (longest + TEXT_BUCKET_WIDTH - 1) // TEXT_BUCKET_WIDTH * TEXT_BUCKET_WIDTH)
+    return {**inputs, "tokens": tokens[:, :tf.maximum(keep, 1)]}, labels, weights
+
+
 def make_dataset(inputs: dict, labels: dict, *, batch_size: int, training: bool, seed: int) -> tf.data.Dataset:
-    """Batched (inputs, targets, sample weights), shuffled with modality dropout when training."""
+    """Batched (inputs, targets, sample weights), shuffled with modality dropout when training.
+
+    Training batches group texts of similar length (buckets ``TEXT_BUCKET_WIDTH`` tokens wide)
+    so trimming their padding shortens the LSTM: 45 % of catalog texts are under 100 tokens.
+    """
     targets, weights = targets_and_weights(labels)
     dataset = tf.data.Dataset.from_tensor_slices((inputs, targets, weights))
     if training:
         dataset = dataset.shuffle(len(next(iter(labels.values()))), seed=seed, reshuffle_each_iteration=True)
         dataset = dataset.map(lambda x, y, w: _modality_dropout(x, y, w, seed), num_parallel_calls=tf.data.AUTOTUNE)
-    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+        boundaries = list(range(TEXT_BUCKET_WIDTH + 1, int(inputs["tokens"].shape[1]) + 1, TEXT_BUCKET_WIDTH))
+        dataset = dataset.bucket_by_sequence_length(
+            lambda x, y, w: token_lengths(x["tokens"]), boundaries, [batch_size] * (len(boundaries) + 1),
+            no_padding=True)
+    else:
+        dataset = dataset.batch(batch_size)
+    return dataset.map(_trim_padding, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
 
 def encode_products(products: pd.DataFrame, text: TextEncoder, embeddings) -> dict:
@@ -175,6 +205,7 @@ def train(
             settings, backbone, label_maps,
             train_embeddings.top_inputs[with_image], {h: v[with_image] for h, v in head_labels.items()},
             val_embeddings.top_inputs[val_with_image], {h: v[val_with_image] for h, v in val_head_labels.items()},
+            train_pooled=train_embeddings.vectors[with_image], val_pooled=val_embeddings.vectors[val_with_image],
             progress=progress)
         tuned_embeddings(backbone, embeddings, settings.inference_batch_size)  # train/val rows are views
         top_seconds = time.perf_counter() - t0
@@ -190,8 +221,7 @@ def train(
     val_data = make_dataset(encode_products(val_rows, text, val_embeddings), val_labels,
                             batch_size=settings.inference_batch_size, training=False, seed=settings.seed)
 
-    model = build_head_model({h: len(m) for h, m in label_maps.items()},
-                             vocabulary_size=len(text.vocabulary), sequence_length=settings.max_text_tokens)
+    model = build_head_model({h: len(m) for h, m in label_maps.items()}, vocabulary_size=len(text.vocabulary))
     # Keras wants a target for every output: train a view without the (loss-free) embedding output.
     trainable = keras.Model(model.input, {head: model.output[head] for head in HEADS + AUXILIARY_HEADS})
     compile_head_model(trainable, HEADS + AUXILIARY_HEADS, settings.learning_rate)
@@ -351,20 +381,32 @@ def _top_dataset(top_inputs: np.ndarray, labels: dict, *, batch_size: int, train
     return dataset.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
+def _vector_dataset(vectors: np.ndarray, labels: dict, *, batch_size: int, training: bool, seed: int):
+    targets, weights = targets_and_weights(labels)
+    dataset = tf.data.Dataset.from_tensor_slices((vectors.astype(np.float32), targets, weights))
+    if training:
+        dataset = dataset.shuffle(len(vectors), seed=seed, reshuffle_each_iteration=True)
+    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
 def tune_backbone_top(settings: Settings, backbone: keras.Model, label_maps: dict, train_top: np.ndarray,
-                      train_labels: dict, val_top: np.ndarray, val_labels: dict, *, progress: bool) -> dict:
+                      train_labels: dict, val_top: np.ndarray, val_labels: dict, *, train_pooled: np.ndarray,
+                      val_pooled: np.ndarray, progress: bool) -> dict:
     """Stage 1 of "top" fine-tuning: adapt the backbone's last block to product photos, image alone.
 
     Frozen ImageNet features leave image-only articleType at ~0.83; training the last block on
     every head (BatchNorm frozen) adapts them to catalog photos. The new heads get one warm-up
     epoch with the block frozen so their random gradients never reach the pretrained weights.
-    The fused head is trained afterwards on the adapted embeddings (stage 2, as without tuning).
+    With the block frozen its pooled output is the cached embedding (``*_pooled``), so the
+    warm-up trains on those and never runs the block. The fused head is trained afterwards on
+    the adapted embeddings (stage 2, as without tuning).
     """
     from fashion_tagging.backbones import backbone_top
 
     top = backbone_top(backbone)
     inputs = keras.Input(train_top.shape[1:], name="top_inputs")
-    pooled = keras.layers.Dropout(0.3, name="top_dropout")(top(inputs, training=False))
+    dropout = keras.layers.Dropout(0.3, name="top_dropout")
+    pooled = dropout(top(inputs, training=False))
     classifiers = {head: keras.layers.Dense(len(m), activation="softmax", name=head, dtype="float32")
                    for head, m in label_maps.items()}
     model = keras.Model(inputs, {head: layer(pooled) for head, layer in classifiers.items()},
@@ -373,14 +415,17 @@ def tune_backbone_top(settings: Settings, backbone: keras.Model, label_maps: dic
     embedding = keras.Input((IMAGE_EMBEDDING_DIM,), name="image_embedding")
     expert = keras.Model(embedding, {head: layer(embedding) for head, layer in classifiers.items()},
                          name="image_expert")
+    warm = keras.Model(embedding, {head: layer(dropout(embedding)) for head, layer in classifiers.items()},
+                       name="image_expert_warmup")
     common = dict(batch_size=settings.batch_size, seed=settings.seed)
     train_data = _top_dataset(train_top, train_labels, training=True, **common)
     val_data = _top_dataset(val_top, val_labels, training=False, **common)
     verbose = 2 if progress else 0
 
-    top.trainable = False
-    compile_head_model(model, tuple(label_maps), TOP_TUNE_WARMUP_LEARNING_RATE)
-    warmup = model.fit(train_data, validation_data=val_data, epochs=1, verbose=verbose)
+    compile_head_model(warm, tuple(label_maps), TOP_TUNE_WARMUP_LEARNING_RATE)
+    warmup = warm.fit(_vector_dataset(train_pooled, train_labels, training=True, **common),
+                      validation_data=_vector_dataset(val_pooled, val_labels, training=False, **common),
+                      epochs=1, verbose=verbose)
 
     top.trainable = True
     for layer in top.layers:

@@ -28,12 +28,41 @@ def test_text_encoder_pads_to_fixed_length_and_marks_empty_text():
 
 
 def test_head_model_has_every_head_and_the_product_embedding():
-    model = build_head_model({"articleType": 7, "gender": 3}, vocabulary_size=50, sequence_length=100)
+    model = build_head_model({"articleType": 7, "gender": 3}, vocabulary_size=50)
     outputs = model({"image_embedding": np.zeros((2, 1280), "float32"), "has_image": np.ones((2, 1), "float32"),
                      "tokens": np.ones((2, 100), "int64"), "has_text": np.ones((2, 1), "float32")})
     assert outputs["articleType"].shape == (2, 7)
     assert np.allclose(np.asarray(outputs["gender"]).sum(axis=1), 1.0, atol=1e-5)
     assert outputs["product_embedding"].shape == (2, PRODUCT_EMBEDDING_DIM)
+
+
+def test_training_batches_group_text_lengths_and_trimmed_padding_changes_no_output():
+    from fashion_tagging.train import TEXT_BUCKET_WIDTH, make_dataset, model_inputs
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 101, size=300)
+    tokens = np.zeros((300, 100), np.int64)
+    for row, length in enumerate(lengths):
+        tokens[row, :length] = rng.integers(2, 50, size=length)
+    inputs = model_inputs(rng.normal(size=(300, 1280)), np.ones(300), tokens, np.ones(300))
+    labels = {"articleType": rng.integers(0, 7, size=300), "image_articleType": np.zeros(300, np.int64),
+              "text_articleType": np.zeros(300, np.int64)}
+    seen = 0
+    for x, _, _ in make_dataset(inputs, labels, batch_size=16, training=True, seed=1):
+        kept = np.asarray(x["tokens"])
+        batch_lengths = (kept > 0).sum(axis=1)
+        assert kept.shape[1] % TEXT_BUCKET_WIDTH == 0 and batch_lengths.max() <= kept.shape[1]
+        # One bucket per batch (a dropped text is one token long and joins the shortest bucket).
+        assert kept.shape[1] - batch_lengths.max() < TEXT_BUCKET_WIDTH
+        seen += len(kept)
+    assert seen == 300  # every product, once per epoch
+
+    model = build_head_model({"articleType": 7}, vocabulary_size=50)
+    short = {name: values[lengths <= 40] for name, values in inputs.items()}
+    full = model.predict(short, verbose=0)
+    trimmed = model.predict(short | {"tokens": short["tokens"][:, :40]}, verbose=0)
+    assert np.allclose(full["articleType"], trimmed["articleType"], atol=1e-6)
+    assert np.allclose(full["product_embedding"], trimmed["product_embedding"], atol=1e-5)
 
 
 def test_tiny_train_artifact_round_trip_and_missing_modalities(tiny_artifact, kaggle_slice_dir):

@@ -52,8 +52,9 @@ def test_training_batches_group_text_lengths_and_trimmed_padding_changes_no_outp
         kept = np.asarray(x["tokens"])
         batch_lengths = (kept > 0).sum(axis=1)
         assert kept.shape[1] % TEXT_BUCKET_WIDTH == 0 and batch_lengths.max() <= kept.shape[1]
-        # One bucket per batch (a dropped text is one token long and joins the shortest bucket).
-        assert kept.shape[1] - batch_lengths.max() < TEXT_BUCKET_WIDTH
+        # One length bucket per batch (a dropped text is one token long: the shortest bucket).
+        buckets = (batch_lengths - 1) // TEXT_BUCKET_WIDTH
+        assert buckets.min() == buckets.max() and kept.shape[1] == (buckets[0] + 1) * TEXT_BUCKET_WIDTH
         seen += len(kept)
     assert seen == 300  # every product, once per epoch
 

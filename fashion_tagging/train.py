@@ -111,6 +111,15 @@ def targets_and_weights(labels: dict) -> tuple[dict, dict]:
     return targets, weights
 
 
+def labelled_slices(features, labels: dict, *, training: bool, seed: int) -> tf.data.Dataset:
+    """Unbatched (features, targets, sample weights), reshuffled every epoch when training."""
+    targets, weights = targets_and_weights(labels)
+    dataset = tf.data.Dataset.from_tensor_slices((features, targets, weights))
+    if training:
+        dataset = dataset.shuffle(len(next(iter(targets.values()))), seed=seed, reshuffle_each_iteration=True)
+    return dataset
+
+
 def token_lengths(tokens: tf.Tensor) -> tf.Tensor:
     """Tokens before the padding (padding is id 0 and only ever trails)."""
     return tf.reduce_sum(tf.cast(tokens > 0, tf.int32), axis=-1)
@@ -135,10 +144,8 @@ def make_dataset(inputs: dict, labels: dict, *, batch_size: int, training: bool,
     Training batches group texts of similar length (buckets ``TEXT_BUCKET_WIDTH`` tokens wide)
     so trimming their padding shortens the LSTM: 45 % of catalog texts are under 100 tokens.
     """
-    targets, weights = targets_and_weights(labels)
-    dataset = tf.data.Dataset.from_tensor_slices((inputs, targets, weights))
+    dataset = labelled_slices(inputs, labels, training=training, seed=seed)
     if training:
-        dataset = dataset.shuffle(len(next(iter(labels.values()))), seed=seed, reshuffle_each_iteration=True)
         dataset = dataset.map(lambda x, y, w: _modality_dropout(x, y, w, seed), num_parallel_calls=tf.data.AUTOTUNE)
         boundaries = list(range(TEXT_BUCKET_WIDTH + 1, int(inputs["tokens"].shape[1]) + 1, TEXT_BUCKET_WIDTH))
         dataset = dataset.bucket_by_sequence_length(
@@ -315,8 +322,7 @@ def _pixel_dataset(rows: pd.DataFrame, text: TextEncoder, label_maps: dict, *, s
     has_text = rows["text"].fillna("").str.strip().ne("").to_numpy()
     inputs = {"path": np.array(paths), "has_image": np.array([bool(p) for p in paths], np.float32).reshape(-1, 1),
               "tokens": text.encode(rows["text"].tolist()), "has_text": has_text.astype(np.float32).reshape(-1, 1)}
-    targets, weights = targets_and_weights(
-        with_auxiliary_labels({head: label_maps[head].encode(rows[head]) for head in label_maps}))
+    labels = with_auxiliary_labels({head: label_maps[head].encode(rows[head]) for head in label_maps})
 
     def load(x, y, w):
         path = x.pop("path")
@@ -329,9 +335,7 @@ def _pixel_dataset(rows: pd.DataFrame, text: TextEncoder, label_maps: dict, *, s
         x["pixels"] = pixels
         return x, y, w
 
-    dataset = tf.data.Dataset.from_tensor_slices((inputs, targets, weights))
-    if training:
-        dataset = dataset.shuffle(len(rows), seed=seed)
+    dataset = labelled_slices(inputs, labels, training=training, seed=seed)
     return dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors().batch(batch_size).prefetch(2)
 
 
@@ -367,25 +371,19 @@ def fine_tune_backbone(settings: Settings, head_model: keras.Model, text: TextEn
 
 def _top_dataset(top_inputs: np.ndarray, labels: dict, *, batch_size: int, training: bool, seed: int):
     """(cached last-block inputs, labels, weights); mirrored feature maps stand in for flipped photos."""
-    targets, weights = targets_and_weights(labels)
-    dataset = tf.data.Dataset.from_tensor_slices((top_inputs, targets, weights))
-    if training:
-        dataset = dataset.shuffle(len(top_inputs), seed=seed, reshuffle_each_iteration=True)
-
     def prepare(x, y, w):
         x = tf.cast(x, tf.float32)
         if training:
             x = tf.image.random_flip_left_right(x, seed=seed)
         return x, y, w
 
+    dataset = labelled_slices(top_inputs, labels, training=training, seed=seed)
     return dataset.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
 def _vector_dataset(vectors: np.ndarray, labels: dict, *, batch_size: int, training: bool, seed: int):
-    targets, weights = targets_and_weights(labels)
-    dataset = tf.data.Dataset.from_tensor_slices((vectors.astype(np.float32), targets, weights))
-    if training:
-        dataset = dataset.shuffle(len(vectors), seed=seed, reshuffle_each_iteration=True)
+    """(pooled embeddings, labels, weights) for the stage-1 warm-up."""
+    dataset = labelled_slices(np.asarray(vectors, dtype=np.float32), labels, training=training, seed=seed)
     return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 

@@ -1,9 +1,12 @@
-"""How long a nightly tagging run takes when nothing is new (it should short-circuit in seconds).
+"""How long a nightly tagging run takes when nothing is new (it should be done in seconds).
 
 Sets up a real catalog in a temporary home (embedded PostgreSQL + a local object store holding a
 slice of the Kaggle catalog), trains and promotes a small model with the retrain DAG, tags the
-slice with the nightly DAG, then times further nightly runs, which find nothing to tag. Every run
-is a real ``dag.test()`` (``airflow dags test``) through :func:`fashion_tagging.pipeline.run_dag_locally`.
+slice with the nightly DAG (whose ``finish`` makes the promoted model serve once it covers the
+catalog), then times further nightly runs, which find nothing to tag: ``discover`` counts no
+backlog (one index probe per version), ``plan`` returns no batch, the mapped ``tag_batch`` is
+skipped, ``finish`` records the quiet run and ``backlog_left`` skips ``continue_backlog``. Every
+run is a real ``dag.test()`` (``airflow dags test``) through :func:`fashion_tagging.pipeline.run_dag_locally`.
 Prints a table and writes ``benchmarks/results/dag_quiet_night.json``.
 
     .venv/bin/python benchmarks/dag_quiet_night.py [--products 300] [--repeat 3]
@@ -49,15 +52,21 @@ def main() -> None:
             for run in setup:
                 if run["state"] != "success":
                     raise SystemExit(f"setup run failed: {run}")
-            tagged = setup[1]["xcom"]["summarize"]["products_tagged"]
+            first = setup[1]["xcom"]["finish"]
+            if first["more_work"]:
+                raise SystemExit(f"the first tagging run left a backlog (raise FT_TAGGING_MAX_TASKS): {first}")
+            tagged = first["products_tagged"]
             quiet = [pipeline.run_dag_locally("catalog_tagging", settings=settings) for _ in range(args.repeat)]
         finally:
             stop_embedded_postgres(settings.pgdata_dir)
 
     rows = [{"dag_run_seconds": run["run_seconds"], "airflow_dags_test_seconds": run["seconds"],
              "state": run["state"], "tasks": run["tasks"], "task_seconds": run["task_seconds"],
-             "products_to_tag": len(run["xcom"]["discover"]["product_ids"])} for run in quiet]
-    print(f"catalog: {args.products} products, all {tagged} tagged by the production model before the quiet nights")
+             "products_to_tag": sum(v["backlog"] for v in run["xcom"]["discover"]["versions"]),
+             "versions": {v["version"]: v["status"] for v in run["xcom"]["discover"]["versions"]},
+             "batches_planned": len(run["xcom"].get("plan") or []),
+             "finish": run["xcom"].get("finish")} for run in quiet]
+    print(f"catalog: {args.products} products, all {tagged} tagged by the serving model before the quiet nights")
     print(f"{'run':>3} {'state':<8} {'DAG run s':>10} {'CLI wall s':>11} {'to tag':>7}  tasks")
     for i, row in enumerate(rows, 1):
         states = ", ".join(f"{k}={v}" for k, v in sorted(row["tasks"].items()))

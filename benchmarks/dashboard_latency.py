@@ -1,6 +1,6 @@
 """Latency of the "Catalog tagging" Airflow page on the full catalog (44k products).
 
-    .venv/bin/python benchmarks/dashboard_latency.py [--repeat 20] [--products N]
+    .venv/bin/python benchmarks/dashboard_latency.py [--repeat 20] [--products N] [--backfill 0.5]
 
 Fills a fresh database on an embedded PostgreSQL (pgvector) with the real ``styles.csv`` products
 and SYNTHETIC model versions, runs, tags and embeddings (the real tagged catalog is not needed:
@@ -8,6 +8,11 @@ query cost depends on row counts, not on label quality), starts a real Airflow a
 the plugin, then times authenticated HTTP requests to the page and its endpoints, and each
 dashboard query on its own. Prints a table and writes ``benchmarks/results/dashboard.json``.
 The object store is the shared data folder itself (``images/<id>.jpg``), read in place.
+
+The seeded registry ends as it does in production: the newest passing version is *serving*
+(promoted, its partition loaded by a backfill, then activated: HNSW + confidence indexes built,
+``tag_stats`` kept by every write). ``--backfill F`` also leaves a newer *promoted* version that
+has tagged a share F of the catalog (the page's backfill line; its rows sit in their own partition).
 """
 
 from __future__ import annotations
@@ -43,8 +48,10 @@ RESULTS = REPO / "benchmarks" / "results" / "dashboard.json"
 SYNTHETIC_VERSIONS = (
     ("v001", "efficientnet-lite0", 0.884, 0.842, 0.801, "retired"),
     ("v002", "efficientnet-lite0", 0.903, 0.861, 0.812, "rejected"),
-    ("v003", "efficientnet-b0", 0.927, 0.889, 0.815, "production"),
+    ("v003", "efficientnet-b0", 0.927, 0.889, 0.815, "serving"),
 )
+# A newer version that passed the gate and is still tagging the catalog (seeded with --backfill).
+BACKFILL_VERSION = ("v004", "efficientnet-b0", 0.936, 0.893, 0.822, "promoted")
 SYNTHETIC_RUNS = 12
 WRITE_BATCH = 5000
 
@@ -103,48 +110,70 @@ def synthetic_predictions(products: pd.DataFrame, accuracy: float, rng: np.rando
         image_embeddings=[None] * n, product_embeddings=embeddings.astype(np.float32))
 
 
-def seed_synthetic_catalog(engine: sa.Engine, products: pd.DataFrame, artifacts_dir: Path, *, seed: int = 7) -> str:
-    """Products, a registry history, runs, and tags + embeddings of the production model; returns its version."""
+def seed_synthetic_catalog(engine: sa.Engine, products: pd.DataFrame, artifacts_dir: Path, *, seed: int = 7,
+                           backfill: float = 0.0) -> str:
+    """Products, a registry history, runs, and the serving model's tags + embeddings; returns its version.
+
+    The serving version goes the production way: promoted, its partition loaded, then activated
+    (indexes built after the load). With ``backfill`` > 0 a newer version is promoted too and has
+    tagged that share of the catalog (it does not serve: readers keep the serving version).
+    """
     rng = np.random.default_rng(seed)
     start = datetime(2026, 1, 5, 2, 0, tzinfo=UTC)
+    versions = SYNTHETIC_VERSIONS + ((BACKFILL_VERSION,) if backfill > 0 else ())
     with engine.begin() as conn:
         repository.upsert_products(conn, products)
-        for week, (version, backbone, fused, image_only, text_only, status) in enumerate(SYNTHETIC_VERSIONS):
+        for week, (version, backbone, fused, image_only, text_only, status) in enumerate(versions):
             accuracy = {"fused": fused, "image_only": image_only, "text_only": text_only}
             repository.register_model(conn, version, backbone, 224, backbone == "efficientnet-b0",
                                       str(artifacts_dir / version), synthetic_metrics(products, accuracy, rng), fused)
-            if status == "production":
-                repository.promote_model(conn, version)
+            conn.execute(sa.text("UPDATE model_versions SET created_at = :at WHERE version = :version"),
+                         {"at": start + timedelta(weeks=week), "version": version})
+            if status == "retired":  # served before v003 (its partitions long dropped)
+                conn.execute(sa.text("UPDATE model_versions SET status = 'retired' WHERE version = :version"),
+                             {"version": version})
             elif status == "rejected":
                 repository.reject_model(conn, version, f"articleType accuracy {fused:.3f} below the production model")
-            conn.execute(sa.text("UPDATE model_versions SET status = :status, created_at = :at WHERE version = :version"),
-                         {"status": status, "at": start + timedelta(weeks=week), "version": version})
-    production = SYNTHETIC_VERSIONS[-1]
-    _seed_runs(engine, production[0], len(products), start + timedelta(weeks=len(SYNTHETIC_VERSIONS)), rng)
-    predictions = synthetic_predictions(products, production[2], rng)
+    serving = SYNTHETIC_VERSIONS[-1]
+    _seed_runs(engine, serving[0], len(products), start + timedelta(weeks=len(SYNTHETIC_VERSIONS)), rng)
     ids = products["id"].astype(int).tolist()
+    repository.promote_model(engine, serving[0])
+    _write_tags(engine, serving[0], ids, synthetic_predictions(products, serving[2], rng))
+    repository.activate_model(engine, serving[0])  # builds the partition's HNSW + confidence indexes
+    write_stand_in_confusion_png(artifacts_dir / serving[0])
+    if backfill > 0:
+        promoted = BACKFILL_VERSION
+        repository.promote_model(engine, promoted[0])
+        share = max(1, int(len(ids) * min(backfill, 1.0)))
+        _write_tags(engine, promoted[0], ids[:share], _rows(synthetic_predictions(products, promoted[2], rng),
+                                                             slice(0, share)))
+        write_stand_in_confusion_png(artifacts_dir / promoted[0])
+    settle(engine, serving[0])
+    return serving[0]
+
+
+def _write_tags(engine: sa.Engine, version: str, ids: list[int], predictions: SimpleNamespace) -> None:
+    """Tags + embeddings (and tag_stats) of ``version``, WRITE_BATCH products per write, one transaction."""
     with engine.begin() as conn:
         for begin in range(0, len(ids), WRITE_BATCH):
             part = slice(begin, begin + WRITE_BATCH)
-            repository.write_tags_and_embeddings(conn, production[0], "synthetic-run-0", ids[part],
-                                                 _rows(predictions, part))
-    settle(engine)
-    write_stand_in_confusion_png(artifacts_dir / production[0])
-    return production[0]
+            repository.write_tags_and_embeddings(conn, version, "synthetic-run-0", ids[part], _rows(predictions, part))
 
 
-def settle(engine: sa.Engine, attempts: int = 20) -> None:
-    """VACUUM ANALYZE until the tags' visibility map is complete: a catalog autovacuum has caught up with.
+def settle(engine: sa.Engine, version: str, attempts: int = 20) -> None:
+    """VACUUM ANALYZE until the serving partitions' visibility maps are complete (autovacuum caught up).
 
     A VACUUM racing an autovacuum snapshot taken before the bulk load cannot mark those pages yet,
-    so it is retried; the page's aggregates are then index-only scans, as in steady production.
+    so it is retried; the page then reads a settled catalog, as in steady production.
     """
+    partitions = [repository.partition_name(table, version) for table in ("tags", "embeddings")]
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         for _ in range(attempts):
             conn.execute(sa.text("VACUUM ANALYZE"))
-            visible, pages = conn.execute(sa.text(
-                "SELECT relallvisible, relpages FROM pg_class WHERE relname = 'tags'")).one()
-            if visible >= pages:
+            unsettled = conn.execute(sa.text(
+                "SELECT count(*) FROM pg_class WHERE relname = ANY(:names) AND relallvisible < relpages"),
+                {"names": partitions}).scalar()
+            if not unsettled:
                 return
             time.sleep(1)
 
@@ -163,9 +192,10 @@ def _seed_runs(engine: sa.Engine, version: str, products: int, first_night: date
             seen = products if night == 0 else int(rng.integers(200, 2500))
             errors = int(rng.integers(0, 12))
             repository.start_run(conn, run_id, model_version=version)
+            # A real run stores its summary in details; the page reads the catalog size from there.
             repository.finish_run(conn, run_id, status="failed" if night == 7 else "success", products_seen=seen,
                                   products_tagged=seen - errors, errors=errors, batches=max(1, seen // 1000),
-                                  seconds=float(seen / rng.uniform(150, 400)))
+                                  seconds=float(seen / rng.uniform(150, 400)), details={"products_total": products})
             conn.execute(sa.text("UPDATE tagging_runs SET started_at = :at WHERE run_id = :run_id"),
                          {"at": first_night + timedelta(days=night), "run_id": run_id})
 
@@ -218,6 +248,8 @@ def query_timings(engine: sa.Engine, version: str, product_id: int, repeat: int)
         "query model_registry": time_calls(query(dashboard.model_registry), repeat),
         "query latest_evaluation": time_calls(query(dashboard.latest_evaluation), repeat),
         "query recent_runs": time_calls(query(dashboard.recent_runs), repeat),
+        "query backfill_progress": time_calls(query(dashboard.backfill_progress), repeat),
+        "query catalog_counts": time_calls(query(dashboard.catalog_counts, version), repeat),
         "query category_distribution": time_calls(query(dashboard.category_distribution, version), repeat),
         "query confidence_histogram": time_calls(query(dashboard.confidence_histogram, version), repeat),
         "query low_confidence_products": time_calls(query(dashboard.low_confidence_products, version), repeat),
@@ -232,6 +264,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--products", type=int, default=None, help="catalog subset (default: all)")
+    parser.add_argument("--backfill", type=float, default=0.0,
+                        help="also seed a promoted version that has tagged this share of the catalog")
     args = parser.parse_args()
     settings = get_settings()
     with tempfile.TemporaryDirectory(prefix="dashboard-bench-") as tmp:
@@ -243,7 +277,7 @@ def main() -> None:
             migrate(engine)
             began = time.perf_counter()
             products = catalog_products(settings.data_dir, args.products)
-            version = seed_synthetic_catalog(engine, products, Path(tmp) / "models")
+            version = seed_synthetic_catalog(engine, products, Path(tmp) / "models", backfill=args.backfill)
             seed_seconds = time.perf_counter() - began
             product_id = int(products["id"].iloc[len(products) // 2])
             results = query_timings(engine, version, product_id, args.repeat)
@@ -255,7 +289,8 @@ def main() -> None:
     report = {
         "what": "Catalog tagging page: authenticated HTTP GETs to a real Airflow api-server (1 uvicorn worker) "
                 "and each dashboard query alone; catalog = real styles.csv products + synthetic tags/embeddings",
-        "products": len(products), "tagged": len(products), "seed_seconds": round(seed_seconds, 1),
+        "products": len(products), "tagged": len(products), "serving_version": version,
+        "backfilling_share": args.backfill or None, "seed_seconds": round(seed_seconds, 1),
         "machine": f"{platform.machine()}, {_cpus()} CPUs",
         "load_average_1m_at_end": round(os.getloadavg()[0], 2),  # other work on the machine skews timings
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"), "timings": results,

@@ -1,8 +1,12 @@
-"""Nightly catalog tagging: ingest new manifests, tag untagged products in batches, record the run.
+"""Nightly catalog tagging: ingest new manifests, tag what changed in bounded batches, close the run.
 
-Runs on ``FT_NIGHTLY_CRON`` and also whenever the retrain DAG promotes a model (the new production
-model has tagged nothing yet, so every product is "untagged" again). Safe to re-run, clear or
-backfill: a batch writes with (product_id, model_version) upserts, so nothing is ever duplicated.
+Runs on ``FT_NIGHTLY_CRON``, whenever the retrain DAG promotes a model, and again by itself
+while a backfill is larger than one run may take. Only small descriptors travel through XCom:
+``discover`` returns counts, ``plan`` returns at most ``FT_TAGGING_MAX_TASKS`` batch ids (ranges
+of ``products.change_seq`` recorded in the ``tagging_batches`` work table), each ``tag_batch``
+reads its own products, and ``finish`` reads the outcome from the work table. ``finish`` always
+runs: a run with a failed batch is recorded failed with the batch named, and the next run
+re-issues exactly the unfinished ranges. Every write is an idempotent upsert per transaction.
 Heavy libraries are imported inside the tasks only, which keeps parsing this file fast.
 """
 
@@ -11,21 +15,22 @@ from __future__ import annotations
 import datetime as dt
 import logging
 
-from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable, dag, get_current_context, task
+from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable, TriggerRule, dag, get_current_context, task
 
-from fashion_tagging.pipeline import CATALOG_TAGS_ASSET, MODEL_PROMOTED_ASSET
+from fashion_tagging.pipeline import CATALOG_TAGS_ASSET, MODEL_PROMOTED_ASSET, TAGGING_BACKLOG_ASSET
 from fashion_tagging.settings import get_settings
 
 log = logging.getLogger(__name__)
 SETTINGS = get_settings()
 CATALOG_TAGS = Asset(**CATALOG_TAGS_ASSET)
 MODEL_PROMOTED = Asset(**MODEL_PROMOTED_ASSET)
+TAGGING_BACKLOG = Asset(**TAGGING_BACKLOG_ASSET)
 
 
 @dag(
     dag_id="catalog_tagging",
     schedule=AssetOrTimeSchedule(
-        timetable=CronTriggerTimetable(SETTINGS.nightly_cron, timezone="UTC"), assets=MODEL_PROMOTED
+        timetable=CronTriggerTimetable(SETTINGS.nightly_cron, timezone="UTC"), assets=MODEL_PROMOTED | TAGGING_BACKLOG
     ),
     start_date=dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
     catchup=False,
@@ -35,57 +40,59 @@ MODEL_PROMOTED = Asset(**MODEL_PROMOTED_ASSET)
     doc_md=__doc__,
 )
 def catalog_tagging():
-    @task(multiple_outputs=True)
+    @task
     def discover() -> dict:
-        """Ingest new manifests, then list the products the production model has not tagged yet."""
-        from fashion_tagging.pipeline import discover_new_products
+        """Ingest new manifests; count what the serving and promoted models have left to tag."""
+        from fashion_tagging.pipeline import discover_tagging_work
 
-        return discover_new_products(get_settings(), run_id=get_current_context()["run_id"])
-
-    @task.short_circuit
-    def anything_to_tag(product_ids: list[int], model_version: str | None) -> bool:
-        """A night with nothing new skips the tagging tasks instead of mapping over nothing."""
-        if model_version is None:
-            log.warning("Nothing to tag: no production model is registered yet (run the retrain DAG).")
-            return False
-        if not product_ids:
-            log.info("Nothing new to tag for model %s: every product is already tagged.", model_version)
-            return False
-        log.info("%d products to tag with model %s.", len(product_ids), model_version)
-        return True
+        return discover_tagging_work(get_settings(), run_id=get_current_context()["run_id"])
 
     @task
-    def plan(product_ids: list[int]) -> list[list[int]]:
-        from fashion_tagging.pipeline import plan_batches
+    def plan(discovered: dict) -> list[dict]:
+        """At most FT_TAGGING_MAX_TASKS batch descriptors, whatever the catalog size."""
+        from fashion_tagging.pipeline import plan_tagging_run
 
-        return plan_batches(product_ids, get_settings().tagging_batch_size)
+        return plan_tagging_run(get_settings(), discovered)
 
     @task(queue=SETTINGS.gpu_queue, pool=SETTINGS.gpu_pool, map_index_template="{{ batch_label }}")
-    def tag_batch(product_ids: list[int], model_version: str) -> dict:
-        """One batch of hundreds to thousands of products; idempotent, so retries are safe."""
-        from fashion_tagging.tagging import tag_batch as run_batch
+    def tag_batch(batch: dict) -> dict:
+        """One range of the work table; resumable and idempotent, so retries are safe."""
+        from fashion_tagging.tagging import tag_work_batch
 
         context = get_current_context()
-        context["batch_label"] = f"{product_ids[0]}..{product_ids[-1]} ({len(product_ids)})"
-        result = run_batch(product_ids, settings=get_settings(), model_version=model_version,
-                           run_id=context["run_id"])
-        return result.as_dict()
+        context["batch_label"] = batch["label"]
+        result = tag_work_batch(batch["batch_id"], settings=get_settings(), run_id=context["run_id"])
+        return {key: value for key, value in result.as_dict().items()
+                if key in ("model_version", "requested", "tagged", "errors", "total_seconds")}
 
-    @task(outlets=[CATALOG_TAGS])
-    def summarize(discovered: dict, batch_results: list[dict]) -> dict:
-        from fashion_tagging.pipeline import record_run, summarize_run
+    @task(trigger_rule=TriggerRule.ALL_DONE, outlets=[CATALOG_TAGS])
+    def finish(discovered: dict) -> dict:
+        """Always runs: advance, activate a model that now covers the catalog, record the run."""
+        from airflow.sdk.exceptions import AirflowFailException
 
-        summary = summarize_run(discovered["run_id"], list(batch_results), started_at=discovered["started_at"])
-        record_run(get_settings(), summary)
-        log.info("Tagging run summary: %s", summary)
-        return summary
+        from fashion_tagging.pipeline import finish_tagging_run
+
+        summary = finish_tagging_run(get_settings(), discovered)
+        if summary["status"] != "success":
+            raise AirflowFailException(f"{len(summary['failed_batches'])} batch(es) failed: "
+                                       f"{summary['failed_batches'][:5]} (the next run re-issues them)")
+        return {key: summary[key] for key in ("status", "batches", "products_tagged", "errors", "more_work")}
+
+    @task.short_circuit
+    def backlog_left(summary: dict) -> bool:
+        """More than one run's worth was waiting: schedule the next run now rather than tomorrow night."""
+        return bool(summary["more_work"])
+
+    @task(outlets=[TAGGING_BACKLOG])
+    def continue_backlog() -> None:
+        log.info("Backlog left after this run: emitting %s to run again.", TAGGING_BACKLOG.name)
 
     discovered = discover()
-    gate = anything_to_tag(discovered["product_ids"], discovered["model_version"])
-    batches = plan(discovered["product_ids"])
-    gate >> batches
-    results = tag_batch.partial(model_version=discovered["model_version"]).expand(product_ids=batches)
-    summarize(discovered, results)
+    batches = plan(discovered)
+    results = tag_batch.expand(batch=batches)
+    summary = finish(discovered)
+    results >> summary
+    backlog_left(summary) >> continue_backlog()
 
 
 catalog_tagging()

@@ -73,7 +73,7 @@ def retrain_tagger():
 
     @task
     def register(trained: dict, evaluation: dict, decision: dict) -> dict:
-        """Upload the artifact and register it: production if it passed, rejected (with why) if not."""
+        """Upload the artifact and register it: promoted if it passed, rejected (with why) if not."""
         from fashion_tagging.pipeline import register_and_promote
 
         result = register_and_promote(get_settings(), trained, evaluation, decision)
@@ -83,14 +83,14 @@ def retrain_tagger():
     @task.short_circuit
     def promoted(registered: dict) -> bool:
         if not registered["promoted"]:
-            log.warning("Not promoted, production model unchanged: %s", registered["reason"])
+            log.warning("Not promoted, the serving model is unchanged: %s", registered["reason"])
         return registered["promoted"]
 
     @task(outlets=[MODEL_PROMOTED])
     def announce_promotion(registered: dict) -> dict:
-        """Emitting the asset re-triggers catalog tagging with the new production model."""
+        """Emitting the asset triggers catalog tagging: the promoted model backfills, then serves."""
         get_current_context()["outlet_events"][MODEL_PROMOTED].extra = {"version": registered["version"]}
-        log.info("Model %s is now in production.", registered["version"])
+        log.info("Model %s is promoted: it serves once it has tagged the whole catalog.", registered["version"])
         return registered
 
     data = snapshot()

@@ -75,7 +75,13 @@ class Tagger:
         self.config = config
         self.text = text
         self.label_maps = label_maps
-        self.heads = tuple(h for h in config["heads"] if h in label_maps)
+        # The heads are the artifact's, not settings.HEADS: training leaves out the heads a catalog
+        # has no usable labels for (recorded in ``heads_left_out``), and such a model tags without them.
+        self.primary_head = config.get("primary_head", PRIMARY_HEAD)
+        self.heads = tuple(h for h in config.get("heads", label_maps) if h in label_maps)
+        if self.primary_head not in self.heads:
+            raise ValueError(f"{artifact_dir}: the artifact has no {self.primary_head!r} head (heads: {self.heads})")
+        self.heads_left_out = dict(config.get("heads_left_out") or {})
         self._backbone = None
         expert_path = self.artifact_dir / IMAGE_EXPERT_FILE
         self.image_expert = keras.saving.load_model(expert_path, compile=False) if expert_path.is_file() else None
@@ -147,10 +153,11 @@ class Tagger:
         image_weighted, text_weighted = (any(w[i] for w in weights) for i in (1, 2))
         expert = text_expert = None
         if self.image_expert is not None and image_weighted and has_image.any():
-            expert = np.asarray(self.image_expert.predict(embeddings, batch_size=batch_size, verbose=0)[PRIMARY_HEAD])
+            expert = np.asarray(self.image_expert.predict(embeddings, batch_size=batch_size, verbose=0)[self.primary_head])
         if self.text_expert is not None and text_weighted and has_text.any():
             text_expert = predict_text_expert(self.text_expert, texts, batch_size)
-        return blend_primary(np.asarray(outputs[PRIMARY_HEAD]), np.asarray(outputs[f"text_{PRIMARY_HEAD}"]), expert,
+        primary = self.primary_head
+        return blend_primary(np.asarray(outputs[primary]), np.asarray(outputs[f"text_{primary}"]), expert,
                              has_image, has_text, blend, text_expert)
 
     def predict_embeddings(self, embeddings: np.ndarray, has_image: np.ndarray, texts: Sequence[str], *,
@@ -168,10 +175,10 @@ class Tagger:
         outputs = self.model.predict(inputs, batch_size=batch_size, verbose=0) if len(texts) else None
         if outputs is not None and self.config.get("primary_blend"):
             outputs = dict(outputs)
-            outputs[PRIMARY_HEAD] = self._blended_primary(outputs, inputs["image_embedding"], has_image, texts,
+            outputs[self.primary_head] = self._blended_primary(outputs, inputs["image_embedding"], has_image, texts,
                                                           has_text, batch_size)
         labels, confidences, tops = {}, {}, {}
-        for head in self.heads:
+        for head in self.heads:  # only the artifact's heads: a head left out at training is absent here
             names = self.label_maps[head].labels
             probs = np.asarray(outputs[head]) if outputs is not None else np.zeros((0, len(names)))
             best = probs.argmax(axis=1) if len(probs) else np.zeros(0, dtype=int)

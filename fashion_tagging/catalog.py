@@ -1,8 +1,10 @@
 """Reading a catalog in the Kaggle "Fashion Product Images" layout.
 
-``styles.csv`` (one row per product), ``images/<id>.jpg``, optional ``descriptions.csv`` (raw
-HTML) and ``split.csv``. Bad rows are never dropped silently and never fatal: each becomes a
-:class:`RowError` with its reason, and every good row still loads.
+``styles.csv`` (one row per product), ``images/<id>.jpg`` (or ``.jpeg`` / ``.png``, any size),
+optional ``descriptions.csv`` (raw HTML) and ``split.csv``. Any head column (``settings.HEADS``)
+may be absent or empty, and labels are whatever names the catalog uses: training builds only
+the heads its labels support. Bad rows are never dropped silently and never fatal: each becomes
+a :class:`RowError` with its reason, and every good row still loads.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ STYLE_COLUMNS = (
     "baseColour", "season", "year", "usage", "productDisplayName",
 )
 REQUIRED_COLUMNS = ("id", "productDisplayName")
+# Photo files looked for, in this order; the decoders read the format from the bytes, not the name.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")
 _TAG_RE = re.compile(r"<[^>]+>")
 _BREAK_RE = re.compile(r"<\s*(br|/p|/li|/div|/h\d)\s*/?\s*>", re.IGNORECASE)
 _SPACE_RE = re.compile(r"\s+")
@@ -59,6 +63,19 @@ def product_text(title: str | None, description: str | None) -> str:
     """Model text: the title first (most informative, never truncated away), then the description."""
     parts = [p.strip() for p in (title or "", description or "") if isinstance(p, str) and p.strip()]
     return " . ".join(parts)
+
+
+def with_clean_labels(frame: pd.DataFrame, heads=HEADS) -> pd.DataFrame:
+    """A copy of ``frame`` whose head columns are stripped strings, "" where there is no label.
+
+    A catalog may lack a head's column (it becomes all "") or hold None/NaN in it: neither is
+    a label. Which heads a model gets is decided from these labels at training time.
+    """
+    frame = frame.copy()
+    for head in heads:
+        values = frame[head] if head in frame.columns else [""] * len(frame)
+        frame[head] = ["" if v is None or (not isinstance(v, str) and pd.isna(v)) else str(v).strip() for v in values]
+    return frame
 
 
 def validate_rows(frame: pd.DataFrame, source: str, *, row_offset: int = 2) -> tuple[pd.DataFrame, list[RowError]]:
@@ -112,6 +129,15 @@ def _read_csv_rows(path: Path) -> tuple[pd.DataFrame, list[RowError]]:
     return pd.DataFrame(rows, columns=header, dtype=object), errors
 
 
+def find_image(images_dir: Path, product_id) -> str | None:
+    """``images/<id>.jpg`` (or ``.jpeg`` / ``.png``, any size: photos are resized at load), None if absent."""
+    for suffix in IMAGE_SUFFIXES:
+        path = images_dir / f"{product_id}{suffix}"
+        if path.is_file():
+            return str(path)
+    return None
+
+
 def load_kaggle_catalog(data_dir: str | Path) -> CatalogLoad:
     """Load ``styles.csv`` + descriptions + split + image paths from a Kaggle-layout folder."""
     data_dir = Path(data_dir)
@@ -147,11 +173,9 @@ def load_kaggle_catalog(data_dir: str | Path) -> CatalogLoad:
     else:
         products["split"] = None
 
-    image_paths = [data_dir / "images" / f"{pid}.jpg" for pid in products["id"]]
-    products["image_path"] = [str(p) if p.is_file() else None for p in image_paths]
+    products["image_path"] = [find_image(data_dir / "images", pid) for pid in products["id"]]
     products["year"] = pd.to_numeric(products["year"], errors="coerce").astype("Int64")
-    for head in HEADS:
-        products[head] = products[head].fillna("").astype(str).str.strip()
+    products = with_clean_labels(products)
     products["text"] = [product_text(t, d) for t, d in zip(products["productDisplayName"], products["description"], strict=True)]
     products["id"] = products["id"].astype("int64")
     return CatalogLoad(products=products.reset_index(drop=True), errors=errors)

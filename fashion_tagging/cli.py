@@ -160,6 +160,19 @@ def _run_dag(dag_id: str, conf: dict, settings: Settings) -> dict:
     return result
 
 
+def _run_summary(engine, run_id: str | None) -> dict:
+    """A tagging run's full summary as its ``finish`` step recorded it (XCom only carries a digest)."""
+    import sqlalchemy as sa
+
+    from fashion_tagging.db import schema
+
+    if not run_id:
+        return {}
+    with engine.connect() as conn:
+        runs = schema.tagging_runs
+        return conn.execute(sa.select(runs.c.details).where(runs.c.run_id == run_id)).scalar() or {}
+
+
 def cmd_demo(args) -> int:
     """The README's main job: the whole story on embedded defaults (Postgres, local object store)."""
     from fashion_tagging.db.repository import similar_products
@@ -183,7 +196,7 @@ def cmd_demo(args) -> int:
     imported = import_catalog(settings, ids=arrivals, batch_name="demo-new-arrivals", load_into_db=False)
     print(f"\n== {imported['products']} new products arrived in the store")
     nightly = _run_dag("catalog_tagging", {}, settings)
-    summary = nightly["xcom"].get("summarize") or {}
+    summary = _run_summary(engine, nightly.get("run_id"))
     quiet = _run_dag("catalog_tagging", {}, settings)
 
     print("\n== what happened")
@@ -278,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = add("similar", cmd_similar, "the k most similar products to a product (pgvector HNSW search)")
     sub.add_argument("product_id", type=int)
     sub.add_argument("-k", type=int, default=10)
-    sub.add_argument("--version", help="model version (default: production)")
+    sub.add_argument("--version", help="model version (default: the serving one)")
 
     add("models", cmd_models, "list trained model versions and their test accuracy")
     return parser

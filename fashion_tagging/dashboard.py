@@ -150,20 +150,26 @@ def recent_runs(conn: sa.Connection, limit: int = RUNS_LIMIT) -> list[dict]:
 
 
 def displayed_version(conn: sa.Connection) -> str | None:
-    """Whose tags the page shows: the production model if it tagged anything, else the newest that did."""
-    return conn.execute(sa.text("""
-        SELECT mv.version FROM model_versions mv
-        WHERE EXISTS (SELECT 1 FROM tags t WHERE t.model_version = mv.version)
-        ORDER BY (mv.status = 'production') DESC, mv.created_at DESC, mv.version DESC
-        LIMIT 1
-    """)).scalar()
+    """Whose tags the page shows: the serving model (a promoted one only once it covers the catalog)."""
+    serving = repository.serving_model(conn)
+    return serving["version"] if serving else None
+
+
+def backfill_progress(conn: sa.Connection) -> dict | None:
+    """The promoted model still tagging the catalog: how far it got (from aggregates, no scan of tags)."""
+    row = conn.execute(sa.text("""
+        SELECT mv.version, mv.promoted_at,
+               (SELECT coalesce(sum(products), 0) FROM tag_stats s WHERE s.model_version = mv.version) AS tagged
+        FROM model_versions mv WHERE mv.status = 'promoted'
+    """)).mappings().first()
+    return dict(row) if row else None
 
 
 def category_distribution(conn: sa.Connection, version: str, top: int = TOP_CATEGORIES) -> list[dict]:
     """Products per predicted articleType, the ``top`` largest then the rest summed as "(other)"."""
     rows = conn.execute(sa.text("""
-        SELECT article_type AS label, count(*) AS products FROM tags
-        WHERE model_version = :version GROUP BY article_type ORDER BY products DESC, label
+        SELECT article_type AS label, sum(products)::bigint AS products FROM tag_stats
+        WHERE model_version = :version GROUP BY article_type HAVING sum(products) > 0 ORDER BY products DESC, label
     """), {"version": version}).mappings().all()
     shown = [dict(row) for row in rows[:top]]
     rest = sum(row["products"] for row in rows[top:])
@@ -173,16 +179,26 @@ def category_distribution(conn: sa.Connection, version: str, top: int = TOP_CATE
 
 
 def confidence_histogram(conn: sa.Connection, version: str, bins: int = CONFIDENCE_BINS) -> list[dict]:
-    """Counts of primary-head confidence in ``bins`` equal bins over [0, 1] (1.0 falls in the last)."""
+    """Counts of primary-head confidence in ``bins`` equal bins over [0, 1] (1.0 falls in the last).
+
+    Read from ``tag_stats`` (kept in :data:`repository.CONFIDENCE_BINS` bins by every write),
+    regrouped when the page asks for fewer bins.
+    """
+    stored = repository.CONFIDENCE_BINS
+    if stored % bins:
+        raise ValueError(f"the histogram has {stored} stored bins: ask for a divisor of it, not {bins}")
     counts = dict(conn.execute(sa.text("""
-        SELECT LEAST(width_bucket(article_type_confidence, 0.0, 1.0, :bins), :bins) AS bin, count(*)
-        FROM tags WHERE model_version = :version GROUP BY 1
-    """), {"version": version, "bins": bins}).all())
+        SELECT (confidence_bin - 1) / :per + 1 AS bin, sum(products)::bigint FROM tag_stats
+        WHERE model_version = :version GROUP BY 1
+    """), {"version": version, "per": stored // bins}).all())
     return [{"low": (i - 1) / bins, "high": i / bins, "products": counts.get(i, 0)} for i in range(1, bins + 1)]
 
 
 def low_confidence_products(conn: sa.Connection, version: str, limit: int = LOW_CONFIDENCE_LIMIT) -> list[dict]:
-    """The least confident primary-head predictions: the products a person should review first."""
+    """The least confident primary-head predictions: the products a person should review first.
+
+    Served by the version partition's (confidence, product_id) index, built when it started serving.
+    """
     rows = conn.execute(sa.text("""
         SELECT t.product_id, p.title,
                t.article_type AS label, t.article_type_confidence AS confidence
@@ -195,15 +211,20 @@ def low_confidence_products(conn: sa.Connection, version: str, limit: int = LOW_
 
 
 def catalog_counts(conn: sa.Connection, version: str | None) -> dict:
-    """Products in the catalog and products tagged by ``version``."""
-    return dict(conn.execute(sa.text("""
-        SELECT (SELECT count(*) FROM products) AS products,
-               (SELECT count(*) FROM tags WHERE model_version = :version) AS tagged
-    """), {"version": version}).mappings().one())
+    """Products in the catalog (as the last tagging run counted them) and products tagged by ``version``."""
+    products = conn.execute(sa.text("""
+        SELECT (details ->> 'products_total')::bigint FROM tagging_runs
+        WHERE details ? 'products_total' ORDER BY started_at DESC LIMIT 1
+    """)).scalar()
+    if products is None:  # no run counted yet: a young catalog, cheap to count
+        products = conn.execute(sa.text("SELECT count(*) FROM products")).scalar()
+    tagged = conn.execute(sa.text("SELECT coalesce(sum(products), 0)::bigint FROM tag_stats "
+                                  "WHERE model_version = :version"), {"version": version}).scalar()
+    return {"products": int(products), "tagged": int(tagged)}
 
 
 def overview(conn: sa.Connection) -> dict:
-    """Everything the page shows on load, from one read-only transaction."""
+    """Everything the page shows on load, from one read-only transaction (no query scans tags)."""
     version = displayed_version(conn)
     has_tags = version is not None
     return {
@@ -211,6 +232,7 @@ def overview(conn: sa.Connection) -> dict:
         "evaluation": latest_evaluation(conn),
         "runs": recent_runs(conn),
         "version": version,
+        "backfill": backfill_progress(conn),
         "counts": catalog_counts(conn, version),
         "categories": category_distribution(conn, version) if has_tags else [],
         "confidence": confidence_histogram(conn, version) if has_tags else [],

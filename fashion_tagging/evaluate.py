@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from fashion_tagging.artifacts import FINE_TUNED_BACKBONE_FILE, Tagger
-from fashion_tagging.catalog import load_kaggle_catalog
+from fashion_tagging.catalog import load_kaggle_catalog, with_clean_labels
 from fashion_tagging.features import catalog_image_embeddings
 from fashion_tagging.model import MODES, modality_view
 from fashion_tagging.settings import PRIMARY_HEAD, Settings
@@ -72,22 +72,25 @@ def confusion_png(true: list[str], predicted: list[str], path: Path, title: str)
 
 def markdown_report(report: dict) -> str:
     fused = report["modes"]["fused"]
+    primary = report.get("primary_head", PRIMARY_HEAD)
     lines = [
         f"# Evaluation of {report['version']} on the `{report['split']}` split ({report['products']} products)",
         "",
         f"Backbone `{report['backbone']}` at {report['image_size']}px; baseline {report['baseline']:.2f}.",
         "",
-        "| articleType | top-1 accuracy | macro-F1 | vs baseline |",
+        f"| {primary} | top-1 accuracy | macro-F1 | vs baseline |",
         "| --- | --- | --- | --- |",
     ]
     for mode in MODES:
-        scores = report["modes"][mode][PRIMARY_HEAD]
+        scores = report["modes"][mode][primary]
         lines.append(f"| {mode} | {scores['accuracy']:.4f} | {scores['macro_f1']:.4f} | "
                      f"{scores['accuracy'] - report['baseline']:+.4f} |")
     lines += ["", "| head (fused) | accuracy | macro-F1 |", "| --- | --- | --- |"]
     for head, scores in fused.items():
         lines.append(f"| {head} | {scores['accuracy']:.4f} | {scores['macro_f1']:.4f} |")
-    lines += ["", f"Weakest articleType classes (fused, by F1, support >= 5):", "",
+    for head, reason in (report.get("heads_left_out") or {}).items():
+        lines.append(f"| {head} | not in the model: {reason} | |")
+    lines += ["", f"Weakest {primary} classes (fused, by F1, support >= 5):", "",
               "| class | F1 | recall | support |", "| --- | --- | --- | --- |"]
     for spot in report["weak_spots"]:
         lines.append(f"| {spot['label']} | {spot['f1']:.3f} | {spot['recall']:.3f} | {spot['support']} |")
@@ -111,7 +114,10 @@ def evaluate(artifact_dir: str | Path, settings: Settings, *, split: str = "test
     tagger = Tagger.load(artifact_dir)
     if products is None:
         products = load_kaggle_catalog(settings.data_dir).products
-    rows = products[products["split"] == split].reset_index(drop=True)
+    # Scored on the heads in the artifact, whatever settings.HEADS holds: a model trained without
+    # a head (no usable labels in its catalog) is evaluated on the heads it has.
+    primary = tagger.primary_head
+    rows = with_clean_labels(products[products["split"] == split].reset_index(drop=True), tagger.heads)
     if rows.empty:
         raise ValueError(f"no products in split {split!r}")
     fine_tuned = (artifact_dir / FINE_TUNED_BACKBONE_FILE).is_file()
@@ -128,35 +134,40 @@ def evaluate(artifact_dir: str | Path, settings: Settings, *, split: str = "test
         vectors, has_image, mode_texts = modality_view(mode, embeddings.vectors, embeddings.has_image, texts)
         preds = tagger.predict_embeddings(vectors, has_image, mode_texts)
         predictions[mode] = preds
-        heads = tagger.heads if mode == "fused" else (PRIMARY_HEAD,)
+        heads = tagger.heads if mode == "fused" else (primary,)
         modes[mode] = {}
         for head in heads:
-            labelled = rows[head].fillna("").ne("").to_numpy()
+            labelled = rows[head].ne("").to_numpy()
+            if head != primary and not labelled.any():
+                continue  # no product of the split has this label: no score rather than a misleading 0
             true = rows.loc[labelled, head].tolist()
             predicted = [p for p, keep in zip(preds.labels[head], labelled, strict=True) if keep]
             modes[mode][head] = classification_scores(true, predicted)
 
-    fused_primary = modes["fused"][PRIMARY_HEAD]
+    fused_primary = modes["fused"][primary]
     weak = sorted(({"label": k, **v} for k, v in fused_primary["per_class"].items() if v["support"] >= 5),
                   key=lambda c: (c["f1"], -c["support"]))[:WEAK_SPOTS]
+    fused_labels = np.asarray(predictions["fused"].labels[primary], dtype=object)
+    truth = rows[primary].to_numpy(dtype=object)
+    labelled = truth != ""
     no_image = ~embeddings.has_image
-    fused_labels = np.asarray(predictions["fused"].labels[PRIMARY_HEAD], dtype=object)
-    truth = rows[PRIMARY_HEAD].to_numpy(dtype=object)
+    scored_no_image = no_image & labelled
     report = {
         "version": tagger.version, "split": split, "products": len(rows), "backbone": tagger.backbone_name,
         "image_size": tagger.image_size, "baseline": settings.baseline_accuracy,
+        "primary_head": primary, "heads": list(tagger.heads), "heads_left_out": tagger.heads_left_out,
         "article_type_accuracy": fused_primary["accuracy"],
         "beats_baseline": fused_primary["accuracy"] >= settings.baseline_accuracy,
         "products_without_image": int(no_image.sum()),
-        "accuracy_without_image": round(float(np.mean(fused_labels[no_image] == truth[no_image])), 4)
-        if no_image.any() else None,
+        "accuracy_without_image": round(float(np.mean(fused_labels[scored_no_image] == truth[scored_no_image])), 4)
+        if scored_no_image.any() else None,
         "modes": modes,
         "weak_spots": weak,
         "resources": {"evaluate_seconds": round(time.perf_counter() - started, 1), "peak_rss_mib": round(peak_rss_mib(), 1)},
         "train_config": {k: tagger.config.get(k) for k in ("epochs_run", "timings", "best_val_article_type_accuracy")},
     }
-    confusion_png(truth.tolist(), fused_labels.tolist(), artifact_dir / f"confusion_{PRIMARY_HEAD}.png",
-                  f"{tagger.version}: {PRIMARY_HEAD} on {split} (fused, top {CONFUSION_TOP_CLASSES} classes)")
+    confusion_png(truth[labelled].tolist(), fused_labels[labelled].tolist(), artifact_dir / f"confusion_{primary}.png",
+                  f"{tagger.version}: {primary} on {split} (fused, top {CONFUSION_TOP_CLASSES} classes)")
     metrics_path = artifact_dir / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     metrics[split] = report

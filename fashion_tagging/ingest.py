@@ -1,8 +1,9 @@
 """The catalog in an object store: manifests (Parquet, CSV or JSON Lines) + product photos.
 
 A shop drops manifest files under ``settings.catalog_prefix`` and photos under
-``settings.images_prefix``; :func:`read_manifests` turns them into product rows and per-row
-errors (a malformed row never sinks the file, an unreadable file never sinks the others).
+``settings.images_prefix``; :func:`load_catalog_into_db` streams them into the database in
+chunks, with per-row errors (a malformed row never sinks the file, an unreadable file never sinks
+the others); :func:`read_manifests` gives the same rows as one frame.
 :func:`import_kaggle_catalog` builds such a catalog from the Kaggle folder, idempotently.
 """
 
@@ -14,9 +15,12 @@ import datetime
 import hashlib
 import io
 import json
-from collections.abc import Collection, Iterable
+import re
+from collections.abc import Collection, Iterable, Iterator
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
+import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 
@@ -29,6 +33,9 @@ MANIFEST_SUFFIXES = {".parquet": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".
 OPTIONAL_COLUMNS = ("brandName", "description", "image_key", "split")
 MANIFEST_COLUMNS = (*STYLE_COLUMNS, *OPTIONAL_COLUMNS)
 IMAGE_SUFFIX = ".jpg"
+# Rows read, validated and upserted at a time: bounds memory whatever the manifest's size, and
+# big enough that a COPY + upsert per chunk costs little.
+MANIFEST_CHUNK_ROWS = 25_000
 
 
 @dataclasses.dataclass
@@ -130,91 +137,256 @@ def encode_manifest(frame: pd.DataFrame, manifest_format: str) -> bytes:
 
 def list_manifest_keys(store: ObjectStore, prefix: str) -> list[str]:
     """Manifest files under ``prefix``, in key order (later keys win for repeated products)."""
-    return [key for key in store.list_keys(prefix) if PurePosixPath(key).suffix.lower() in MANIFEST_SUFFIXES]
+    return [key for key in store.list_keys(prefix) if _is_manifest_key(key)]
 
 
-def read_manifests(store: ObjectStore, prefix: str, *,
-                   since_keys: Collection[str] | None = None) -> tuple[pd.DataFrame, list[RowError]]:
+def _is_manifest_key(key: str) -> bool:
+    return PurePosixPath(key).suffix.lower() in MANIFEST_SUFFIXES
+
+
+def read_manifests(store: ObjectStore, prefix: str, *, since_keys: Collection[str] | None = None,
+                   chunk_rows: int = MANIFEST_CHUNK_ROWS) -> tuple[pd.DataFrame, list[RowError]]:
     """All manifests under ``prefix`` (skipping ``since_keys``, the ones already processed) as one frame.
 
     Malformed rows (unparseable, missing or non-integer id, duplicate id in a file, no title)
     become ``RowError(stage="manifest", source="<key>#row<n>")``. A product in several manifests
-    takes its values from the last one in key order: that is how updates arrive.
+    takes its values from the last one in key order: that is how updates arrive. The frame holds
+    the whole catalog: for big ones, :func:`load_catalog_into_db` streams instead.
     """
     skip = set(since_keys or ())
     frames, errors = [], []
     for key in list_manifest_keys(store, prefix):
         if key in skip:
             continue
-        frame, file_errors = _read_one_manifest(store, key)
-        errors.extend(file_errors)
-        if frame is not None and len(frame):
-            frames.append(frame)
+        reader = ManifestReader(store, key, chunk_rows=chunk_rows)
+        chunks = list(reader)
+        errors.extend(reader.errors)
+        if not reader.failed:
+            frames.extend(chunk for chunk in chunks if len(chunk))
     if not frames:
         return pd.DataFrame(columns=[*MANIFEST_COLUMNS, "source"]), errors
     products = pd.concat(frames, ignore_index=True).drop_duplicates("id", keep="last").reset_index(drop=True)
     return products, errors
 
 
-def load_catalog_into_db(conn: sa.Connection, store: ObjectStore, *, prefix: str | None = None, run_id: str,
-                         since_keys: Collection[str] | None = None) -> CatalogSync:
+def load_catalog_into_db(conn: sa.Connection | sa.Engine, store: ObjectStore, *, prefix: str | None = None,
+                         run_id: str, since_keys: Collection[str] | None = None,
+                         chunk_rows: int = MANIFEST_CHUNK_ROWS) -> CatalogSync:
     """Upsert the products of new or changed manifests, recording bad rows under ``run_id``.
 
-    Which manifests: by default those whose fingerprint differs from the ``catalog_manifests``
-    ledger (new files and rewritten ones); with ``since_keys``, all but those keys.
+    Which manifests: by default those whose fingerprint (from the store listing, no request per
+    file) differs from the ``catalog_manifests`` ledger (new files and rewritten ones); with
+    ``since_keys``, all but those keys.
+
+    Memory does not grow with the manifests: each is read, validated and upserted ``chunk_rows``
+    rows at a time, in the caller's transaction; only product ids (8 bytes each) are kept, to
+    spot repeats. Files go last key first and a product is written only from the last manifest
+    holding it, so each is upserted once with its final values and the counts are what reading
+    everything at once gave. A file found unreadable half-way is rolled back to a savepoint: as
+    before, it adds one error and no products.
     """
     from fashion_tagging.db import repository
 
+    if isinstance(conn, sa.Engine):  # one transaction for the whole load, not one per chunk
+        with conn.begin() as connection:
+            return load_catalog_into_db(connection, store, prefix=prefix, run_id=run_id, since_keys=since_keys,
+                                        chunk_rows=chunk_rows)
     prefix = get_settings().catalog_prefix if prefix is None else prefix
-    fingerprints = {key: store.fingerprint(key) for key in list_manifest_keys(store, prefix)}
+    fingerprints = {key: fingerprint for key, fingerprint in store.list_fingerprints(prefix).items()
+                    if _is_manifest_key(key)}
     if since_keys is None:
         loaded = repository.loaded_manifests(conn)
         since_keys = {key for key, fingerprint in fingerprints.items() if loaded.get(key) == fingerprint}
-    keys = [key for key in fingerprints if key not in set(since_keys)]
-    products, errors = read_manifests(store, prefix, since_keys=set(fingerprints) - set(keys))
-    written = repository.upsert_products(conn, products) if len(products) else 0
+    skip = set(since_keys)
+    keys = [key for key in fingerprints if key not in skip]
+    written_later = _IdSet()  # ids already written from a manifest later in key order: theirs win
+    products, written, file_errors = {}, 0, {}
+    for key in reversed(keys):
+        reader = ManifestReader(store, key, chunk_rows=chunk_rows)
+        file_products = file_written = 0
+        with conn.begin_nested() as savepoint:
+            for chunk in reader:
+                chunk = chunk[~written_later.contains(chunk["id"])]
+                if len(chunk):
+                    file_written += repository.upsert_products(conn, chunk)
+                    file_products += len(chunk)
+            if reader.failed:
+                savepoint.rollback()
+                file_products = file_written = 0
+        if not reader.failed and key != keys[0]:  # no file left to read: nothing to update
+            written_later.update(reader.ids)
+        products[key], file_errors[key] = file_products, reader.errors
+        written += file_written
+    errors = [error for key in keys for error in file_errors[key]]
     repository.record_errors(conn, run_id, errors)
-    per_key = products["source"].value_counts().to_dict() if len(products) else {}
     repository.mark_manifests_loaded(conn, run_id, [
-        {"key": key, "fingerprint": fingerprints[key], "products": int(per_key.get(key, 0)),
-         "errors": sum(e.source == key or e.source.startswith(f"{key}#") for e in errors)} for key in keys])
-    return CatalogSync(manifest_keys=keys, products_read=len(products), products_written=written, errors=errors)
+        {"key": key, "fingerprint": fingerprints[key], "products": products[key], "errors": len(file_errors[key])}
+        for key in keys])
+    return CatalogSync(manifest_keys=keys, products_read=sum(products.values()), products_written=written,
+                       errors=errors)
 
 
-def _read_one_manifest(store: ObjectStore, key: str) -> tuple[pd.DataFrame | None, list[RowError]]:
-    manifest_format = MANIFEST_SUFFIXES[PurePosixPath(key).suffix.lower()]
-    try:
-        raw, row_numbers, errors = _parse(store.get(key), manifest_format, key)
-    except Exception as error:  # the whole file is unreadable: one error, the other files go on
-        return None, [RowError(f"unreadable {manifest_format} manifest: {describe_error(error)}", None, key, "manifest")]
-    missing = [column for column in ("id", "productDisplayName") if column not in raw.columns]
-    if missing:
-        return None, [*errors, RowError(f"manifest lacks required columns {missing}", None, key, "manifest")]
-    for column in MANIFEST_COLUMNS:
-        if column not in raw.columns:
-            raw[column] = None
-    valid, row_errors = validate_rows(raw[list(MANIFEST_COLUMNS)].reset_index(drop=True), key, row_offset=0)
-    errors += [_with_row_number(error, key, row_numbers) for error in row_errors]
-    valid["description"] = valid["description"].map(clean_html)
-    valid["year"] = pd.to_numeric(valid["year"], errors="coerce").astype("Int64")
-    valid["image_key"] = valid["image_key"].map(lambda k: k.strip() if isinstance(k, str) and k.strip() else None)
-    valid["source"] = key
-    return valid, errors
+class ManifestReader:
+    """One manifest, read ``chunk_rows`` rows at a time: iterating yields its valid products.
+
+    Errors and row numbers are the same as for the file read whole (a duplicate id is caught
+    across chunks too). Once iterated: ``errors`` in file order; ``failed`` when the file could
+    not be read, in which case the chunks already yielded must be discarded and ``errors`` is
+    that one error; ``ids``, the valid product ids.
+    """
+
+    def __init__(self, store: ObjectStore, key: str, *, chunk_rows: int = MANIFEST_CHUNK_ROWS):
+        self.store, self.key, self.chunk_rows = store, key, max(1, int(chunk_rows))
+        self.manifest_format = MANIFEST_SUFFIXES[PurePosixPath(key).suffix.lower()]
+        self.errors: list[RowError] = []
+        self.failed = False
+        self.ids = _IdSet()
+
+    def __iter__(self) -> Iterator[pd.DataFrame]:
+        try:
+            handle = self.store.open(self.key)
+        except Exception as error:
+            self._unreadable(error)
+            return
+        parse_errors, row_errors, columns = [], [], set()
+        columns_known = self.manifest_format != "jsonl"  # CSV header / Parquet schema: all columns up front
+        with handle:
+            chunks = _parse_chunks(handle, self.manifest_format, self.key, self.chunk_rows)
+            while True:
+                try:
+                    raw, row_numbers, chunk_errors = next(chunks)
+                except StopIteration:
+                    break
+                except Exception as error:  # the whole file is unreadable: one error, the other files go on
+                    self._unreadable(error)
+                    return
+                parse_errors += chunk_errors
+                columns.update(raw.columns)
+                if columns_known and _missing_columns(columns):
+                    continue  # the file will be rejected whole: no point validating its rows
+                valid, chunk_row_errors = self._validate(raw, row_numbers)
+                row_errors += chunk_row_errors
+                if len(valid):
+                    yield valid
+        missing = _missing_columns(columns)
+        if missing:
+            self.errors = [*parse_errors, RowError(f"manifest lacks required columns {missing}", None, self.key,
+                                                   "manifest")]
+        else:
+            self.errors = [*parse_errors, *row_errors]
+
+    def _unreadable(self, error: Exception) -> None:
+        self.failed = True
+        self.errors = [RowError(f"unreadable {self.manifest_format} manifest: {describe_error(error)}", None,
+                                self.key, "manifest")]
+
+    def _validate(self, raw: pd.DataFrame, row_numbers: list[int]) -> tuple[pd.DataFrame, list[RowError]]:
+        for column in MANIFEST_COLUMNS:
+            if column not in raw.columns:
+                raw[column] = None
+        raw = raw[list(MANIFEST_COLUMNS)].reset_index(drop=True)
+        # Rows repeating an id kept in an earlier chunk get validate_rows' own duplicate error
+        # (it checks duplicates before titles, so taking them out first changes nothing else).
+        ids = [_product_id(value) for value in raw["id"]]
+        repeated = self.ids.contains([-1 if i is None else i for i in ids])
+        errors = [RowError(f"duplicate product id {ids[p]} (first occurrence kept)", ids[p],
+                           f"{self.key}#row{row_numbers[p]}", "manifest") for p in np.flatnonzero(repeated)]
+        kept_numbers = [number for number, again in zip(row_numbers, repeated, strict=True) if not again]
+        valid, row_errors = validate_rows(raw.loc[~repeated].reset_index(drop=True), self.key, row_offset=0)
+        errors += [_with_row_number(error, self.key, kept_numbers) for error in row_errors]
+        errors.sort(key=_row_of)
+        valid["description"] = valid["description"].map(clean_html)
+        valid["year"] = pd.to_numeric(valid["year"], errors="coerce").astype("Int64")
+        valid["image_key"] = valid["image_key"].map(lambda k: k.strip() if isinstance(k, str) and k.strip() else None)
+        valid["source"] = self.key
+        self.ids.add(valid["id"].to_numpy(dtype=np.int64))
+        return valid, errors
 
 
-def _parse(data: bytes, manifest_format: str, key: str) -> tuple[pd.DataFrame, list[int], list[RowError]]:
-    """Bytes -> (frame as the file said it, the row number of each frame row, per-row parse errors)."""
+class _IdSet:
+    """A set of product ids as one sorted int64 array: 8 bytes an id, where a Python set takes ~60.
+
+    The array grows by doubling and new ids are merged in place (a stable sort of two sorted runs
+    is a single merge): re-allocating a whole new array per chunk made the heap grow far beyond
+    the ids themselves.
+    """
+
+    _MERGE_ROWS = 65_536  # ids merged at a time: bounds the temporary arrays of a merge
+
+    def __init__(self):
+        self._buffer = np.empty(1024, dtype=np.int64)
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def contains(self, ids) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64)
+        known = self._buffer[:self._size]
+        if not self._size or not len(ids):
+            return np.zeros(len(ids), dtype=bool)
+        positions = np.minimum(np.searchsorted(known, ids), self._size - 1)
+        return known[positions] == ids
+
+    def add(self, ids) -> None:
+        ids = np.asarray(ids, dtype=np.int64)
+        for start in range(0, len(ids), self._MERGE_ROWS):
+            part = ids[start:start + self._MERGE_ROWS]
+            self._merge(np.unique(part[~self.contains(part)]))
+
+    def update(self, other: _IdSet) -> None:
+        self.add(other._buffer[:other._size])
+
+    def _merge(self, new_ids: np.ndarray) -> None:
+        size = self._size + len(new_ids)
+        if size > len(self._buffer):
+            grown = np.empty(max(size, 2 * len(self._buffer)), dtype=np.int64)
+            grown[:self._size] = self._buffer[:self._size]
+            self._buffer = grown
+        self._buffer[self._size:size] = new_ids
+        self._buffer[:size].sort(kind="stable")
+        self._size = size
+
+
+def _parse_chunks(handle: BinaryIO, manifest_format: str, key: str,
+                  chunk_rows: int) -> Iterator[tuple[pd.DataFrame, list[int], list[RowError]]]:
+    """(frame as the file said it, the row number of each frame row, per-row parse errors) per chunk.
+
+    Always yields at least once, so an empty file still shows its columns.
+    """
     if manifest_format == "parquet":
-        frame = pd.read_parquet(io.BytesIO(data)).astype(object)
-        return frame, list(range(1, len(frame) + 1)), []
-    text = data.decode("utf-8", errors="replace")
-    if manifest_format == "csv":
-        return _parse_csv(text, key)
-    return _parse_json_lines(text, key)
+        yield from _parse_parquet(handle, chunk_rows)
+    elif manifest_format == "csv":
+        yield from _parse_csv(handle, key, chunk_rows)
+    else:
+        yield from _parse_json_lines(handle, key, chunk_rows)
 
 
-def _parse_csv(text: str, key: str) -> tuple[pd.DataFrame, list[int], list[RowError]]:
-    reader = csv.reader(io.StringIO(text, newline=""))
+def _parse_parquet(handle: BinaryIO, chunk_rows: int) -> Iterator[tuple[pd.DataFrame, list[int], list[RowError]]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(handle)
+    columns = list(parquet.schema_arrow.empty_table().to_pandas().columns)  # as pd.read_parquet names them
+    wanted = [column for column in MANIFEST_COLUMNS if column in columns]
+    if _missing_columns(wanted):
+        yield pd.DataFrame(columns=columns, dtype=object), [], []
+        return
+    first_row = 1
+    yielded = False
+    for batch in parquet.iter_batches(batch_size=chunk_rows, columns=wanted):
+        # integer_object_nulls: an int column with a null stays ints (else floats, "1.0", in that chunk only)
+        frame = pa.Table.from_batches([batch]).to_pandas(integer_object_nulls=True).astype(object)
+        yield frame.reset_index(drop=True), list(range(first_row, first_row + len(frame))), []
+        first_row += len(frame)
+        yielded = True
+    if not yielded:
+        yield pd.DataFrame(columns=wanted, dtype=object), [], []
+
+
+def _parse_csv(handle: BinaryIO, key: str, chunk_rows: int) -> Iterator[tuple[pd.DataFrame, list[int], list[RowError]]]:
+    text = io.TextIOWrapper(handle, encoding="utf-8", errors="replace", newline="")
+    reader = csv.reader(text)
     header = next(reader, None)
     if not header:
         raise ValueError("empty CSV (no header)")
@@ -222,28 +394,63 @@ def _parse_csv(text: str, key: str) -> tuple[pd.DataFrame, list[int], list[RowEr
     for row_number, row in enumerate(reader, start=2):  # like catalog.py: the header is row 1
         if len(row) != len(header):
             errors.append(RowError(f"expected {len(header)} fields, found {len(row)}", None, f"{key}#row{row_number}"))
-            continue
-        rows.append(row)
-        numbers.append(row_number)
-    return pd.DataFrame(rows, columns=header, dtype=object), numbers, errors
+        else:
+            rows.append(row)
+            numbers.append(row_number)
+        if len(rows) + len(errors) >= chunk_rows:
+            yield pd.DataFrame(rows, columns=header, dtype=object), numbers, errors
+            rows, numbers, errors = [], [], []
+    yield pd.DataFrame(rows, columns=header, dtype=object), numbers, errors
 
 
-def _parse_json_lines(text: str, key: str) -> tuple[pd.DataFrame, list[int], list[RowError]]:
+def _parse_json_lines(handle: BinaryIO, key: str,
+                      chunk_rows: int) -> Iterator[tuple[pd.DataFrame, list[int], list[RowError]]]:
+    text = io.TextIOWrapper(handle, encoding="utf-8", errors="replace", newline="")
     records, numbers, errors = [], [], []
-    for row_number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            if not isinstance(record, dict):
-                raise ValueError(f"expected a JSON object, found {type(record).__name__}")
-        except ValueError as error:
-            errors.append(RowError(f"unparseable JSON line: {describe_error(error)}", None, f"{key}#row{row_number}"))
-            continue
-        records.append(record)
-        numbers.append(row_number)
-    frame = pd.DataFrame.from_records(records).astype(object) if records else pd.DataFrame(columns=["id"])
-    return frame, numbers, errors
+    row_number, any_record = 0, False
+    for physical_line in text:
+        # str.splitlines() as on the whole text before: it also breaks at \v, \f, \x1c-\x1e, \x85,
+        # \u2028 and \u2029, which a file read line by line does not; keeps row numbers identical.
+        for line in physical_line.splitlines():
+            row_number += 1
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict):
+                    raise ValueError(f"expected a JSON object, found {type(record).__name__}")
+            except ValueError as error:
+                errors.append(RowError(f"unparseable JSON line: {describe_error(error)}", None,
+                                       f"{key}#row{row_number}"))
+                continue
+            records.append(record)
+            numbers.append(row_number)
+        if len(records) + len(errors) >= chunk_rows:
+            any_record = any_record or bool(records)
+            yield _records_frame(records), numbers, errors
+            records, numbers, errors = [], [], []
+    any_record = any_record or bool(records)
+    # A file without a single record reads as an empty frame with only an "id" column, as before.
+    yield (_records_frame(records) if any_record else pd.DataFrame(columns=["id"], dtype=object)), numbers, errors
+
+
+def _records_frame(records: list[dict]) -> pd.DataFrame:
+    """dtype=object from the start: a key missing from some records must not turn ints into floats."""
+    return pd.DataFrame(records, dtype=object) if records else pd.DataFrame()
+
+
+def _missing_columns(columns: Collection[str]) -> list[str]:
+    return [column for column in ("id", "productDisplayName") if column not in columns]
+
+
+def _product_id(raw_id) -> int | None:
+    """The id as :func:`validate_rows` reads it (None when it is missing or not an integer)."""
+    raw_id = "" if raw_id is None or (isinstance(raw_id, float) and pd.isna(raw_id)) else str(raw_id).strip()
+    return int(raw_id) if re.fullmatch(r"\d+", raw_id) else None
+
+
+def _row_of(error: RowError) -> int:
+    return int(error.source.rsplit("#row", 1)[1])
 
 
 def _with_row_number(error: RowError, key: str, row_numbers: list[int]) -> RowError:

@@ -95,9 +95,17 @@ class TextEncoder:
 def build_head_model(label_sizes: dict[str, int], *, vocabulary_size: int) -> keras.Model:
     """Image embedding + text tokens -> per-head softmax, plus the product embedding output.
 
+    ``label_sizes`` holds the heads the training data supports (see ``train.fit_heads``): any
+    subset of ``settings.HEADS`` that includes the primary head.
+
     Tokens may come in any length: the encoder pads to ``max_text_tokens``, and training trims a
     batch's trailing padding (masked, so the outputs are the same) to save LSTM steps.
     """
+    if PRIMARY_HEAD not in label_sizes:
+        raise ValueError(f"the head model needs the primary head {PRIMARY_HEAD!r}; got heads {sorted(label_sizes)}")
+    empty = {head: size for head, size in label_sizes.items() if size < 1}
+    if empty:
+        raise ValueError(f"heads without classes cannot be built (leave them out): {empty}")
     image_embedding = keras.Input((IMAGE_EMBEDDING_DIM,), name="image_embedding")
     has_image = keras.Input((1,), name="has_image")
     tokens = keras.Input((None,), dtype="int64", name="tokens")

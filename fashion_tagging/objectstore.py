@@ -1,19 +1,22 @@
 """One object-store interface over a local directory (``file://``) and S3 (``s3://``, also MinIO/moto).
 
-The pipeline only ever needs flat keys, whole-object reads and writes, and many small concurrent
-reads (product photos), so that is all the interface offers. Per-key failures of a bulk read are
-returned, never raised: one missing photo must not sink a batch.
+The pipeline only ever needs flat keys, whole-object reads and writes, streamed reads of big
+manifests, and many small concurrent reads (product photos), so that is all the interface offers.
+Per-key failures of a bulk read are returned, never raised: one missing photo must not sink a batch.
 """
 
 from __future__ import annotations
 
 import abc
+import io
 import os
+import shutil
 import tempfile
 import threading
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import BinaryIO
 from urllib.parse import unquote, urlparse
 
 DEFAULT_MAX_CONCURRENCY = 16
@@ -23,6 +26,11 @@ S3_RETRY_MODE = "adaptive"
 S3_MAX_ATTEMPTS = 8
 S3_CONNECT_TIMEOUT_S = 10
 S3_READ_TIMEOUT_S = 60
+# Managed transfers: objects from this size up go multipart (parallel parts, a failed part is
+# retried alone, no 5 GB single-PUT limit); below it one PUT, as before.
+S3_MULTIPART_THRESHOLD = 64 * 1024 * 1024
+S3_MULTIPART_CHUNKSIZE = 16 * 1024 * 1024
+STREAM_BLOCK_SIZE = 1024 * 1024
 _S3_MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
 
 
@@ -60,6 +68,29 @@ class ObjectStore(abc.ABC):
     def fingerprint(self, key: str) -> str:
         """Changes whenever the object is rewritten (ETag / size+mtime): tells re-uploads apart."""
 
+    def list_fingerprints(self, prefix: str = "") -> dict[str, str]:
+        """Key -> :meth:`fingerprint` of every key under ``prefix``, sorted by key.
+
+        Stores override it to take the fingerprints from the listing itself (one request per
+        1,000 keys on S3 instead of one HEAD per key).
+        """
+        return {key: self.fingerprint(key) for key in self.list_keys(prefix)}
+
+    def open(self, key: str) -> BinaryIO:
+        """A readable, seekable binary file of the object, for reading big objects in pieces.
+
+        The caller closes it. Raises :class:`ObjectNotFound` when the key is absent.
+        """
+        return io.BytesIO(self.get(key))
+
+    def put_file(self, key: str, path: str | os.PathLike) -> None:
+        """Upload one local file (stores override it to stream instead of reading it whole)."""
+        self.put(key, Path(path).read_bytes())
+
+    def get_file(self, key: str, path: str | os.PathLike) -> None:
+        """Download one object to a local file, atomically (stores override it to stream)."""
+        _atomic_write(Path(path), self.get(key))
+
     def uri(self, key: str) -> str:
         """Absolute URI of a key, e.g. for error rows and the model registry."""
         return f"{self.url}/{key.lstrip('/')}"
@@ -87,7 +118,7 @@ class ObjectStore(abc.ABC):
             return 0
         workers = min(self.max_concurrency, len(pairs))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="store-put") as pool:
-            list(pool.map(lambda pair: self.put(pair[0], Path(pair[1]).read_bytes()), pairs))
+            list(pool.map(lambda pair: self.put_file(pair[0], pair[1]), pairs))
         return len(pairs)
 
     def upload_dir(self, local_dir: str | os.PathLike, prefix: str) -> list[str]:
@@ -105,10 +136,9 @@ class ObjectStore(abc.ABC):
         if not keys:
             raise ObjectNotFound(self.uri(prefix))
         target = Path(local_dir)
-        for key, data in self.get_many(keys).items():
-            if isinstance(data, Exception):
-                raise data
-            _atomic_write(target / key[len(prefix):], data)
+        workers = min(self.max_concurrency, len(keys))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="store-get") as pool:
+            list(pool.map(lambda key: self.get_file(key, target / key[len(prefix):]), keys))
         return target
 
 
@@ -139,28 +169,53 @@ class LocalStore(ObjectStore):
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise ObjectNotFound(self.uri(key)) from None
 
+    def open(self, key: str) -> BinaryIO:
+        try:
+            return self._path(key).open("rb")
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise ObjectNotFound(self.uri(key)) from None
+
     def put(self, key: str, data: bytes) -> None:
         _atomic_write(self._path(key), data)
+
+    def put_file(self, key: str, path: str | os.PathLike) -> None:
+        with open(path, "rb") as source:
+            _atomic_write_stream(self._path(key), source)
+
+    def get_file(self, key: str, path: str | os.PathLike) -> None:
+        with self.open(key) as source:
+            _atomic_write_stream(Path(path), source)
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
     def fingerprint(self, key: str) -> str:
         try:
-            stat = self._path(key).stat()
+            return _local_fingerprint(self._path(key).stat())
         except FileNotFoundError:
             raise ObjectNotFound(self.uri(key)) from None
-        return f"{stat.st_size}-{stat.st_mtime_ns}"
+
+    def list_fingerprints(self, prefix: str = "") -> dict[str, str]:
+        fingerprints = {}
+        for key in self.list_keys(prefix):
+            try:
+                fingerprints[key] = _local_fingerprint(self._path(key).stat())
+            except FileNotFoundError:  # deleted since the listing, as if listed a moment later
+                continue
+        return fingerprints
 
 
 class S3Store(ObjectStore):
     """An S3 bucket (or prefix in one) through boto3; endpoint_url points it at MinIO or moto."""
 
     def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None,
-                 max_concurrency: int = DEFAULT_MAX_CONCURRENCY):
+                 max_concurrency: int = DEFAULT_MAX_CONCURRENCY, multipart_threshold: int = S3_MULTIPART_THRESHOLD,
+                 multipart_chunksize: int = S3_MULTIPART_CHUNKSIZE):
         self.bucket = bucket
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         self.endpoint_url = endpoint_url
+        self.multipart_threshold = int(multipart_threshold)
+        self.multipart_chunksize = int(multipart_chunksize)
         super().__init__(f"s3://{bucket}/{self.prefix}", max_concurrency)
         self._client = None
         self._client_pid = None
@@ -184,15 +239,31 @@ class S3Store(ObjectStore):
                 self._client_pid = os.getpid()
             return self._client
 
+    @property
+    def transfer_config(self):
+        """boto3 managed-transfer settings; retries stay with the client's botocore config."""
+        from boto3.s3.transfer import TransferConfig
+
+        return TransferConfig(multipart_threshold=self.multipart_threshold,
+                              multipart_chunksize=self.multipart_chunksize,
+                              max_concurrency=self.max_concurrency,
+                              preferred_transfer_client="classic")  # never CRT: it has its own retries
+
     def _full_key(self, key: str) -> str:
         return self.prefix + key.lstrip("/")
 
-    def list_keys(self, prefix: str = "") -> list[str]:
+    def _list_objects(self, prefix: str) -> Iterable[dict]:
         paginator = self.client.get_paginator("list_objects_v2")
-        keys = []
         for page in paginator.paginate(Bucket=self.bucket, Prefix=self._full_key(prefix)):
-            keys.extend(item["Key"][len(self.prefix):] for item in page.get("Contents", []))
-        return sorted(keys)
+            yield from page.get("Contents", [])
+
+    def list_keys(self, prefix: str = "") -> list[str]:
+        return sorted(item["Key"][len(self.prefix):] for item in self._list_objects(prefix))
+
+    def list_fingerprints(self, prefix: str = "") -> dict[str, str]:
+        items = sorted((item["Key"][len(self.prefix):], _etag_fingerprint(item["ETag"]))
+                       for item in self._list_objects(prefix))
+        return dict(items)
 
     def get(self, key: str) -> bytes:
         try:
@@ -202,8 +273,78 @@ class S3Store(ObjectStore):
                 raise ObjectNotFound(self.uri(key)) from None
             raise
 
+    def open(self, key: str) -> BinaryIO:
+        """The object spooled to an anonymous temp file: bounded memory, and seekable (Parquet needs that)."""
+        handle = tempfile.TemporaryFile(prefix="ft-s3-")
+        try:
+            self._download_into(key, handle)
+            handle.seek(0)
+        except BaseException:
+            handle.close()
+            raise
+        return handle
+
+    def get_file(self, key: str, path: str | os.PathLike) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                self._download_into(key, handle)
+            os.replace(tmp_name, path)
+        except BaseException:
+            Path(tmp_name).unlink(missing_ok=True)
+            raise
+
+    def _download_into(self, key: str, handle: BinaryIO) -> None:
+        """Stream one GET into ``handle`` block by block, never holding the object in memory.
+
+        A connection dropped mid-body (which botocore does not retry) resumes with a ranged GET
+        pinned to the first response's ETag, so a rewrite in between fails instead of mixing
+        two versions. No HEAD request.
+        """
+        from botocore.exceptions import HTTPClientError, IncompleteReadError
+
+        request = {"Bucket": self.bucket, "Key": self._full_key(key)}
+        written = 0
+        for attempt in range(1, S3_MAX_ATTEMPTS + 1):
+            try:
+                response = self.client.get_object(**request)
+            except Exception as error:
+                if _is_s3_missing(error):
+                    raise ObjectNotFound(self.uri(key)) from None
+                raise
+            body = response["Body"]
+            try:
+                while block := body.read(STREAM_BLOCK_SIZE):
+                    handle.write(block)
+                    written += len(block)
+                return
+            except (HTTPClientError, IncompleteReadError, ConnectionError):
+                if attempt == S3_MAX_ATTEMPTS:
+                    raise
+                request.update(Range=f"bytes={written}-", IfMatch=response["ETag"])
+            finally:
+                body.close()
+
     def put(self, key: str, data: bytes) -> None:
-        self.client.put_object(Bucket=self.bucket, Key=self._full_key(key), Body=data)
+        self.client.upload_fileobj(io.BytesIO(data), self.bucket, self._full_key(key), Config=self.transfer_config)
+
+    def put_file(self, key: str, path: str | os.PathLike) -> None:
+        self.client.upload_file(os.fspath(path), self.bucket, self._full_key(key), Config=self.transfer_config)
+
+    def put_files(self, pairs: Iterable[tuple[str, str | os.PathLike]]) -> int:
+        """One managed-transfer pool for all files: many small PUTs in parallel, big files multipart."""
+        from boto3.s3.transfer import create_transfer_manager
+
+        pairs = list(pairs)
+        if not pairs:
+            return 0
+        with create_transfer_manager(self.client, self.transfer_config) as manager:
+            futures = [manager.upload(os.fspath(path), self.bucket, self._full_key(key)) for key, path in pairs]
+            for future in futures:
+                future.result()
+        return len(pairs)
 
     def exists(self, key: str) -> bool:
         try:
@@ -216,7 +357,7 @@ class S3Store(ObjectStore):
 
     def fingerprint(self, key: str) -> str:
         try:
-            return self.client.head_object(Bucket=self.bucket, Key=self._full_key(key))["ETag"].strip('"')
+            return _etag_fingerprint(self.client.head_object(Bucket=self.bucket, Key=self._full_key(key))["ETag"])
         except Exception as error:
             if _is_s3_missing(error):
                 raise ObjectNotFound(self.uri(key)) from None
@@ -226,11 +367,13 @@ class S3Store(ObjectStore):
         return f"s3://{self.bucket}/{self._full_key(key)}"
 
 
-def open_store(url: str, *, endpoint_url: str | None = None,
-               max_concurrency: int = DEFAULT_MAX_CONCURRENCY) -> ObjectStore:
+def open_store(url: str, *, endpoint_url: str | None = None, max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+               multipart_threshold: int = S3_MULTIPART_THRESHOLD,
+               multipart_chunksize: int = S3_MULTIPART_CHUNKSIZE) -> ObjectStore:
     """``file:///dir`` (or a plain path) -> :class:`LocalStore`; ``s3://bucket/prefix`` -> :class:`S3Store`.
 
     For S3 without an explicit ``endpoint_url``, ``settings.s3_endpoint_url`` (``FT_S3_ENDPOINT_URL``) is used.
+    The multipart settings only matter for S3.
     """
     parsed = urlparse(url)
     if parsed.scheme == "s3":
@@ -240,7 +383,8 @@ def open_store(url: str, *, endpoint_url: str | None = None,
             from fashion_tagging.settings import get_settings
 
             endpoint_url = get_settings().s3_endpoint_url
-        return S3Store(parsed.netloc, parsed.path, endpoint_url=endpoint_url, max_concurrency=max_concurrency)
+        return S3Store(parsed.netloc, parsed.path, endpoint_url=endpoint_url, max_concurrency=max_concurrency,
+                       multipart_threshold=multipart_threshold, multipart_chunksize=multipart_chunksize)
     if parsed.scheme == "file":
         return LocalStore(unquote(parsed.path), max_concurrency=max_concurrency)
     if parsed.scheme == "" and url:
@@ -270,15 +414,29 @@ def _is_temp_name(key: str) -> bool:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
+    _atomic_write_stream(path, io.BytesIO(data))
+
+
+def _atomic_write_stream(path: Path, source: BinaryIO) -> None:
+    """Copy ``source`` to a temp file beside ``path``, then rename: readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            shutil.copyfileobj(source, handle, STREAM_BLOCK_SIZE)
         os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
+
+
+def _local_fingerprint(stat: os.stat_result) -> str:
+    return f"{stat.st_size}-{stat.st_mtime_ns}"
+
+
+def _etag_fingerprint(etag: str) -> str:
+    """HEAD and the listing both give the quoted ETag; the ledger has always stored it unquoted."""
+    return etag.strip('"')
 
 
 def _is_s3_missing(error: Exception) -> bool:

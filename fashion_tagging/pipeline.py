@@ -20,17 +20,18 @@ import sys
 import time
 from pathlib import Path
 
-from fashion_tagging.settings import HEADS, PRIMARY_HEAD, PROJECT_ROOT, Settings, get_settings
+from fashion_tagging.settings import PRIMARY_HEAD, PROJECT_ROOT, Settings, get_settings
 
 log = logging.getLogger(__name__)
 
-# Assets shared by the DAGs: the tagging DAG produces the first and is scheduled on the second.
+# Assets shared by the DAGs: the tagging DAG produces the first and is scheduled on the second
+# and third (a run whose backlog exceeded its cap emits the third, so the backfill continues).
 CATALOG_TAGS_ASSET = {"name": "catalog_tags", "uri": "fashion_tagging://catalog/tags"}
 MODEL_PROMOTED_ASSET = {"name": "model_promoted", "uri": "fashion_tagging://models/promoted"}
+TAGGING_BACKLOG_ASSET = {"name": "tagging_backlog", "uri": "fashion_tagging://catalog/backlog"}
 
-# A mapped task costs seconds of scheduling overhead, so batches are never tiny.
-MIN_BATCH_SIZE = 100
-MAX_BATCH_SIZE = 5000
+# Airflow refuses to map a list longer than [core] max_map_length (1024 by default).
+AIRFLOW_MAX_MAP_LENGTH = 1024
 SNAPSHOTS_PREFIX = "snapshots/"
 
 
@@ -72,70 +73,124 @@ def ingest_new_manifests(settings: Settings, run_id: str) -> dict:
             "products_written": sync.products_written, "row_errors": len(sync.errors)}
 
 
-def discover_new_products(settings: Settings, run_id: str | None = None) -> dict:
-    """Ingest new manifests, then list the products the production model has not tagged yet.
+def discover_tagging_work(settings: Settings, run_id: str | None = None) -> dict:
+    """Ingest new manifests, open the run, and say how much each tagging version has left (a small dict).
 
-    Opens the run in ``tagging_runs``; a run with nothing to tag is closed here and then, since the
-    DAG skips the rest, its row says so.
+    Nothing here grows with the catalog: the newest change_seq is one index probe, and the
+    backlog is counted up to what one run can take.
     """
     from fashion_tagging.db import repository
 
     run_id = run_id or f"manual__{_now_iso()}"
     started_at = _now_iso()
     ingested = ingest_new_manifests(settings, run_id)
+    per_run = max_tasks(settings) * max(settings.tagging_task_max_products, settings.tagging_batch_size)
     with catalog_engine(settings).begin() as conn:
-        production = repository.production_model(conn)
-        version = production["version"] if production else None
-        product_ids = repository.products_needing_tags(conn, version) if version else []
-        repository.start_run(conn, run_id, model_version=version, details={"ingested": ingested})
-        if not product_ids:
-            reason = "no production model yet" if version is None else "nothing new to tag"
-            repository.finish_run(conn, run_id, details={"ingested": ingested, "nothing_to_do": reason})
-    log.info("discover: ingested %s; model %s; %d products to tag", ingested, version, len(product_ids))
-    return {"run_id": run_id, "model_version": version, "product_ids": [int(i) for i in product_ids],
-            "ingested": ingested, "started_at": started_at}
+        target_seq = repository.newest_change_seq(conn)
+        products_total = repository.count_products(conn)
+        versions = [{"version": m["version"], "status": m["status"], "tagged_seq": int(m["tagged_seq"]),
+                     "backlog": repository.count_changes_between(conn, m["tagged_seq"], target_seq, limit=per_run + 1)}
+                    for m in repository.tagging_models(conn)]
+        repository.start_run(conn, run_id, model_version=versions[-1]["version"] if versions else None,
+                             details={"ingested": ingested, "target_seq": target_seq, "versions": versions,
+                                      "products_total": products_total})
+    log.info("discover: ingested %s; newest change_seq %d; %s", ingested, target_seq,
+             ", ".join(f"{v['version']} ({v['status']}): {v['backlog']} to tag" for v in versions) or "no model yet")
+    return {"run_id": run_id, "started_at": started_at, "target_seq": target_seq, "versions": versions,
+            "products_total": products_total, "ingested": ingested}
 
 
-def plan_batches(product_ids: list[int], batch_size: int) -> list[list[int]]:
-    """Equal-sized batches of ``batch_size`` (clamped to hundreds..thousands), ids sorted and unique."""
-    ids = sorted({int(i) for i in product_ids})
-    if not ids:
-        return []
-    size = min(max(int(batch_size), MIN_BATCH_SIZE), MAX_BATCH_SIZE)
-    count = math.ceil(len(ids) / size)
-    per_batch = math.ceil(len(ids) / count)
-    return [ids[start:start + per_batch] for start in range(0, len(ids), per_batch)]
+def max_tasks(settings: Settings) -> int:
+    """The cap on mapped tagging tasks per run (at least 1, below Airflow's default max_map_length)."""
+    return max(1, min(int(settings.tagging_max_tasks), AIRFLOW_MAX_MAP_LENGTH - 1))
 
 
-def summarize_run(run_id: str, batch_results: list[dict], *, started_at: str | None = None) -> dict:
-    """Totals over the batch results of one run: counts, errors and throughput (wall clock since start)."""
-    batch_results = [r for r in batch_results if r]
-    tagged = sum(int(r["tagged"]) for r in batch_results)
-    wall = (dt.datetime.now(dt.UTC) - dt.datetime.fromisoformat(started_at)).total_seconds() if started_at else None
-    busy = sum(float(r["total_seconds"]) for r in batch_results)
-    return {
-        "run_id": run_id,
-        "model_version": batch_results[0]["model_version"] if batch_results else None,
-        "batches": len(batch_results),
-        "products_seen": sum(int(r["requested"]) for r in batch_results),
-        "products_tagged": tagged,
-        "text_only": sum(int(r["text_only"]) for r in batch_results),
-        "errors": sum(int(r["errors"]) for r in batch_results),
-        "seconds": None if wall is None else round(wall, 2),
-        "batch_seconds": round(busy, 2),
-        "products_per_second": round(tagged / wall, 1) if wall else None,
-        "products_per_batch_second": round(tagged / busy, 1) if busy else None,
-    }
+def plan_tagging_run(settings: Settings, discovered: dict) -> list[dict]:
+    """Batch descriptors for this run: at most ``tagging_max_tasks`` of them, whatever the backlog.
 
-
-def record_run(settings: Settings, summary: dict) -> None:
-    """Close the run in ``tagging_runs`` with its totals (a cleared and re-run summary overwrites)."""
+    The serving version plans first (new arrivals stay visible to readers), then the promoted
+    version's backfill takes the rest of the cap. Ranges grow with the backlog (up to
+    ``tagging_task_max_products``) so the cap holds at any catalog size; what does not fit is
+    planned by the next run. A descriptor is {batch_id, model_version, label}: tasks read their rows.
+    """
     from fashion_tagging.db import repository
 
+    cap, descriptors = max_tasks(settings), []
+    chunk = max(1, int(settings.tagging_batch_size))
     with catalog_engine(settings).begin() as conn:
-        repository.finish_run(conn, summary["run_id"], products_seen=summary["products_seen"],
-                              products_tagged=summary["products_tagged"], errors=summary["errors"],
-                              batches=summary["batches"], seconds=summary["seconds"], details=summary)
+        for version in discovered["versions"]:
+            room = cap - len(descriptors)
+            size = min(max(math.ceil(version["backlog"] / max(room, 1)), chunk),
+                       max(int(settings.tagging_task_max_products), chunk))
+            for batch in repository.plan_tagging_batches(conn, version["version"], discovered["run_id"],
+                                                         target_seq=discovered["target_seq"], max_batches=room,
+                                                         products_per_batch=size):
+                descriptors.append({"batch_id": int(batch["batch_id"]), "model_version": batch["model_version"],
+                                    "label": f"{batch['model_version'][:24]} #{batch['batch_id']} "
+                                             f"({batch['products']} products)"})
+    if not discovered["versions"]:
+        log.warning("Nothing to tag: no model is promoted or serving yet (run the retrain DAG).")
+    log.info("plan: %d batch(es) for run %s (cap %d)", len(descriptors), discovered["run_id"], cap)
+    return descriptors
+
+
+def finish_tagging_run(settings: Settings, discovered: dict) -> dict:
+    """Close the run from the work table, whatever happened to its tasks (the DAG runs it always).
+
+    Advances each version's ``tagged_seq`` over its finished ranges, activates a promoted version
+    that now covers the catalog as it stood when the run began (``target_seq``: later arrivals and
+    products queued again after a failed photo fetch are tagged by the next run, by the version
+    then serving), building its indexes, and records the run ``success`` or
+    ``failed`` with every unfinished batch named with its error. ``more_work`` says whether the
+    backlog exceeded this run's cap (the DAG then schedules itself again).
+    """
+    from fashion_tagging.db import repository
+
+    run_id = discovered["run_id"]
+    engine = catalog_engine(settings)
+    with engine.begin() as conn:
+        batches = repository.run_batches(conn, run_id)
+        newest = int(discovered["target_seq"])
+        versions = {}
+        for model in repository.tagging_models(conn):
+            tagged_seq = repository.advance_tagged_seq(conn, model["version"])
+            versions[model["version"]] = {"status": model["status"], "tagged_seq": tagged_seq,
+                                          "covers_catalog": tagged_seq >= newest}
+    activated = None
+    for version, state in versions.items():
+        if state["status"] == "promoted" and state["covers_catalog"]:
+            with engine.begin() as conn:
+                activated = {"version": version, **repository.activate_model(conn, version)}
+            state["status"] = "serving"
+            log.info("model %s tagged the whole catalog and now serves: %s", version, activated)
+    failed = [{"batch_id": int(b["batch_id"]), "model_version": b["model_version"],
+               "change_seq": [int(b["seq_from"]), int(b["seq_to"])], "status": b["status"],
+               "error": b["error"] or "did not finish (worker lost or task not run)"}
+              for b in batches if b["status"] != "done"]
+    tagged = sum(int(b["tagged"]) for b in batches)
+    wall = (dt.datetime.now(dt.UTC) - dt.datetime.fromisoformat(discovered["started_at"])).total_seconds()
+    busy = sum(float(b["seconds"]) for b in batches)
+    summary = {
+        "run_id": run_id, "status": "failed" if failed else "success",
+        "model_version": next(iter(b["model_version"] for b in batches), None),
+        "batches": len(batches), "failed_batches": failed,
+        "products_seen": sum(int(b["products"]) for b in batches), "products_tagged": tagged,
+        "text_only": sum(int(b["text_only"]) for b in batches), "errors": sum(int(b["errors"]) for b in batches),
+        "seconds": round(wall, 2), "batch_seconds": round(busy, 2),
+        "products_per_second": round(tagged / wall, 1) if wall else None,
+        "products_per_batch_second": round(tagged / busy, 1) if busy else None,
+        "versions": versions, "activated": activated, "ingested": discovered.get("ingested"),
+        "products_total": discovered.get("products_total"),
+        "more_work": bool(not failed and tagged and any(not v["covers_catalog"] for v in versions.values())),
+    }
+    if not batches:
+        summary["nothing_to_do"] = "no model promoted or serving yet" if not versions else "nothing new to tag"
+    with engine.begin() as conn:
+        repository.finish_run(conn, run_id, status=summary["status"], products_seen=summary["products_seen"],
+                              products_tagged=tagged, errors=summary["errors"], batches=len(batches),
+                              seconds=summary["seconds"], details=summary)
+    log.info("Tagging run summary: %s", json.dumps(summary, default=str))
+    return summary
 
 
 # --- retraining --------------------------------------------------------------------------------
@@ -180,12 +235,10 @@ def load_snapshot(settings: Settings, snapshot: dict, splits: tuple[str, ...], *
 
     import pandas as pd
 
-    from fashion_tagging.catalog import clean_html, product_text
+    from fashion_tagging.catalog import clean_html, product_text, with_clean_labels
 
     frame = pd.read_parquet(io.BytesIO(object_store(settings).get(snapshot["snapshot_key"])))
-    frame = frame[frame["split"].isin(splits)].reset_index(drop=True)
-    for head in HEADS:
-        frame[head] = frame[head].fillna("").astype(str).str.strip()
+    frame = with_clean_labels(frame[frame["split"].isin(splits)].reset_index(drop=True))
     frame["description"] = frame["description"].map(clean_html)
     frame["text"] = [product_text(t, d) for t, d in zip(frame["productDisplayName"], frame["description"], strict=True)]
     frame["image_path"] = materialize_images(settings, frame, backbone=backbone, image_size=image_size,
@@ -269,7 +322,7 @@ def evaluate_model(settings: Settings, trained: dict, snapshot: dict, *, split: 
 
 
 def production_metrics(settings: Settings) -> dict | None:
-    """Version and test accuracy of the production model, None when there is none yet."""
+    """Version and test accuracy of the newest promoted-or-serving model (what a candidate must beat)."""
     from fashion_tagging.db import repository
 
     with catalog_engine(settings).connect() as conn:
@@ -299,10 +352,11 @@ def gate(candidate_metrics: dict, production_metrics: dict | None, baseline: flo
 
 
 def register_and_promote(settings: Settings, trained: dict, evaluation: dict, decision: dict) -> dict:
-    """Registry row for the candidate: production when the gate passed, else rejected with the reason."""
+    """Registry row for the candidate: promoted when the gate passed (it serves once the tagging DAG has
+    tagged the whole catalog with it), else rejected with the reason."""
     from fashion_tagging.db import repository
 
-    status = "production" if decision["promote"] else "rejected"
+    status = "promoted" if decision["promote"] else "rejected"
     with catalog_engine(settings).begin() as conn:
         repository.register_model(
             conn, trained["version"], trained["backbone"], trained["image_size"], trained["fine_tuned"],

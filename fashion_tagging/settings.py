@@ -16,6 +16,9 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # Model constants from the research the project starts from.
 BASELINE_ACCURACY = 0.91
 PRIMARY_HEAD = "articleType"
+# The label columns a catalog MAY have (candidate heads). A trained model has only those its
+# training labels support (``train.fit_heads``; the artifact's config.json "heads" and
+# "heads_left_out"): tagging and evaluation use the artifact's heads, never this tuple.
 HEADS = ("articleType", "subCategory", "masterCategory", "gender", "baseColour", "season", "usage")
 IMAGE_EMBEDDING_DIM = 1280
 PRODUCT_EMBEDDING_DIM = 256
@@ -66,7 +69,14 @@ class Settings:
 
     # Serving / tagging.
     inference_batch_size: int = dataclasses.field(default_factory=lambda: int(_env("INFERENCE_BATCH_SIZE", "128")))
+    # Products per transaction of a tagging task (its commit and resume unit).
     tagging_batch_size: int = dataclasses.field(default_factory=lambda: int(_env("TAGGING_BATCH_SIZE", "1000")))
+    # Mapped tagging tasks per DAG run, whatever the catalog size: well under Airflow's
+    # [core] max_map_length (1024). A bigger backlog gets bigger tasks, then more runs.
+    tagging_max_tasks: int = dataclasses.field(default_factory=lambda: int(_env("TAGGING_MAX_TASKS", "64")))
+    # Products one mapped task may take on (a backfill beyond cap x this spans several runs).
+    tagging_task_max_products: int = dataclasses.field(
+        default_factory=lambda: int(_env("TAGGING_TASK_MAX_PRODUCTS", "50000")))
     top_k: int = dataclasses.field(default_factory=lambda: int(_env("TOP_K", "3")))
 
     # Orchestration.

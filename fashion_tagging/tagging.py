@@ -74,6 +74,7 @@ class _Inputs:
     images: list[np.ndarray | None]
     texts: list[str]
     errors: list[RowError]
+    retry_ids: list[int] = dataclasses.field(default_factory=list)  # transient failures: tag again later
 
 
 def tag_batch(product_ids: Sequence[int], *, settings: Settings, engine: sa.Engine | None = None,
@@ -82,38 +83,100 @@ def tag_batch(product_ids: Sequence[int], *, settings: Settings, engine: sa.Engi
     """Tag ``product_ids`` with ``tagger`` (default: the registry's production model) and store the results."""
     started = time.perf_counter()
     engine = engine or get_engine(settings)
-    store = store or open_store(settings.resolved_object_store_url, endpoint_url=settings.s3_endpoint_url,
-                                max_concurrency=settings.s3_max_concurrency)
+    store = store or _open_store(settings)
     if tagger is None:
         tagger = load_production_tagger(settings, engine, model_version)
     model_version = model_version or tagger.version
     product_ids = list(dict.fromkeys(int(i) for i in product_ids))
     result = BatchResult(run_id=run_id, model_version=model_version, requested=len(product_ids),
                          model_load_seconds=time.perf_counter() - started)
-
     with engine.connect() as conn:
         rows = repository.fetch_products(conn, product_ids)
-    inputs = _gather_inputs(rows, product_ids, store, tagger.image_size, result)
-
-    tick = time.perf_counter()
-    predictions = tagger.predict(inputs.images, inputs.texts, batch_size=settings.inference_batch_size,
-                                 top_k=settings.top_k) if inputs.product_ids else None
-    result.infer_seconds = time.perf_counter() - tick
-
-    tick = time.perf_counter()
-    with engine.begin() as conn:  # one transaction: all of the batch or none of it
-        if predictions is not None:
-            repository.write_tags_and_embeddings(conn, model_version, run_id, inputs.product_ids, predictions)
-        repository.record_errors(conn, run_id, inputs.errors)
-    result.write_seconds = time.perf_counter() - tick
-
-    result.tagged = len(inputs.product_ids)
-    result.text_only = sum(image is None for image in inputs.images)
-    result.errors = len(inputs.errors)
+    _tag_rows(rows, product_ids, settings=settings, engine=engine, store=store, tagger=tagger, result=result)
     result.total_seconds = time.perf_counter() - started
     log.info("run %s: tagged %d/%d products (%d text-only, %d errors) in %.1fs", run_id, result.tagged,
              result.requested, result.text_only, result.errors, result.total_seconds)
     return result
+
+
+def tag_work_batch(batch_id: int, *, settings: Settings, run_id: str, engine: sa.Engine | None = None,
+                   store: ObjectStore | None = None, tagger=None) -> BatchResult:
+    """Tag one planned range of ``tagging_batches``: the unit the nightly DAG maps over.
+
+    The task selects its own rows (the range's products, ``tagging_batch_size`` per transaction)
+    and records its progress in the same transaction as each chunk's tags, so a retry after a
+    crash resumes where the last commit ended. An exception marks the batch failed with its
+    error (for the run's summary) and is re-raised, so Airflow retries it.
+    """
+    started = time.perf_counter()
+    engine = engine or get_engine(settings)
+    batch = repository.start_batch_attempt(engine, batch_id)
+    result = BatchResult(run_id=run_id, model_version=batch["model_version"], requested=0)
+    if batch["status"] == "done":
+        return result
+    try:
+        store = store or _open_store(settings)
+        tagger = tagger or load_production_tagger(settings, engine, batch["model_version"])
+        result.model_load_seconds = time.perf_counter() - started
+        done_seq, chunk_size = batch["done_seq"], max(1, int(settings.tagging_batch_size))
+        while True:
+            with engine.connect() as conn:
+                rows = repository.products_in_range(conn, done_seq, batch["seq_to"], chunk_size)
+            if not rows:
+                break
+            tick, before = time.perf_counter(), dataclasses.replace(result)
+            last_seq = rows[-1].change_seq
+            result.requested += len(rows)
+            _tag_rows(rows, [row.product_id for row in rows], settings=settings, engine=engine, store=store,
+                      tagger=tagger, result=result,
+                      in_transaction=lambda conn, b=before, t=tick, s=last_seq: repository.advance_batch(
+                          conn, batch_id, s, tagged=result.tagged - b.tagged, text_only=result.text_only - b.text_only,
+                          errors=result.errors - b.errors, seconds=time.perf_counter() - t))
+            done_seq = last_seq
+        repository.finish_batch(engine, batch_id)
+    except BaseException as error:
+        repository.finish_batch(engine, batch_id, error=f"{type(error).__name__}: {describe_error(error)}")
+        raise
+    result.total_seconds = time.perf_counter() - started
+    log.info("batch %s (%s, change_seq %s..%s): tagged %d/%d products (%d text-only, %d errors) in %.1fs",
+             batch_id, batch["model_version"], batch["seq_from"], batch["seq_to"], result.tagged, result.requested,
+             result.text_only, result.errors, result.total_seconds)
+    return result
+
+
+def _open_store(settings: Settings) -> ObjectStore:
+    return open_store(settings.resolved_object_store_url, endpoint_url=settings.s3_endpoint_url,
+                      max_concurrency=settings.s3_max_concurrency)
+
+
+def _tag_rows(rows, product_ids: list[int], *, settings: Settings, engine: sa.Engine, store: ObjectStore, tagger,
+              result: BatchResult, in_transaction=None) -> None:
+    """Fetch photos, predict and write one chunk in one transaction (adds to ``result``'s counts).
+
+    Products whose photo could not be fetched (transient, after retries) get a new change_seq
+    first, in their own transaction, so a later range tags them again: they are never lost.
+    """
+    inputs = _gather_inputs(rows, product_ids, store, tagger.image_size, result)
+    if inputs.retry_ids:
+        repository.requeue_products(engine, inputs.retry_ids)
+
+    tick = time.perf_counter()
+    predictions = tagger.predict(inputs.images, inputs.texts, batch_size=settings.inference_batch_size,
+                                 top_k=settings.top_k) if inputs.product_ids else None
+    result.infer_seconds += time.perf_counter() - tick
+
+    tick = time.perf_counter()
+    result.tagged += len(inputs.product_ids)
+    result.text_only += sum(image is None for image in inputs.images)
+    result.errors += len(inputs.errors)
+    with engine.begin() as conn:  # one transaction: all of the chunk or none of it
+        if predictions is not None:
+            repository.write_tags_and_embeddings(conn, result.model_version, result.run_id, inputs.product_ids,
+                                                 predictions)
+        repository.record_errors(conn, result.run_id, inputs.errors)
+        if in_transaction is not None:
+            in_transaction(conn)
+    result.write_seconds += time.perf_counter() - tick
 
 
 def _gather_inputs(rows, product_ids: list[int], store: ObjectStore, image_size: int,
@@ -127,7 +190,7 @@ def _gather_inputs(rows, product_ids: list[int], store: ObjectStore, image_size:
 
     tick = time.perf_counter()
     fetched = store.get_many([row.image_key for row in rows if row.image_key])
-    result.fetch_seconds = time.perf_counter() - tick
+    result.fetch_seconds += time.perf_counter() - tick
 
     tick = time.perf_counter()
     inputs = _Inputs([], [], [], errors)
@@ -139,8 +202,9 @@ def _gather_inputs(rows, product_ids: list[int], store: ObjectStore, image_size:
                 errors.append(RowError("image object missing: tagged from text only", row.product_id,
                                        row.image_key, "image"))
             elif isinstance(data, Exception):  # transient after retries: leave it for the next run
-                errors.append(RowError(f"image fetch failed, product not tagged: {describe_error(data)}",
-                                       row.product_id, row.image_key, "image"))
+                errors.append(RowError(f"image fetch failed, product not tagged (queued again): "
+                                       f"{describe_error(data)}", row.product_id, row.image_key, "image"))
+                inputs.retry_ids.append(row.product_id)
                 continue
             else:
                 try:
@@ -155,7 +219,7 @@ def _gather_inputs(rows, product_ids: list[int], store: ObjectStore, image_size:
         inputs.product_ids.append(row.product_id)
         inputs.images.append(image)
         inputs.texts.append(text)
-    result.decode_seconds = time.perf_counter() - tick
+    result.decode_seconds += time.perf_counter() - tick
     return inputs
 
 

@@ -21,11 +21,11 @@ import pandas as pd
 import tensorflow as tf
 
 from fashion_tagging.artifacts import FINE_TUNED_BACKBONE_FILE, IMAGE_EXPERT_FILE, TEXT_EXPERT_FILE
-from fashion_tagging.catalog import load_kaggle_catalog
+from fashion_tagging.catalog import load_kaggle_catalog, with_clean_labels
 from fashion_tagging.images import decode_tensor, resize_and_pad
 from fashion_tagging.features import catalog_image_embeddings
-from fashion_tagging.model import (AUXILIARY_HEADS, BLEND_SITUATIONS, MODES, LabelMap, TextEncoder, build_head_model,
-                                   choose_blend, compile_head_model, modality_view, save_encoders)
+from fashion_tagging.model import (AUXILIARY_HEADS, BLEND_SITUATIONS, MODES, OTHER_LABEL, LabelMap, TextEncoder,
+                                   build_head_model, choose_blend, compile_head_model, modality_view, save_encoders)
 from fashion_tagging.settings import HEADS, IMAGE_EMBEDDING_DIM, PRIMARY_HEAD, Settings
 from fashion_tagging.text_expert import fit_text_expert, predict_text_expert
 
@@ -156,6 +156,41 @@ def make_dataset(inputs: dict, labels: dict, *, batch_size: int, training: bool,
     return dataset.map(_trim_padding, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
 
+def fit_heads(train_rows: pd.DataFrame, min_class_count: int) -> tuple[dict[str, LabelMap], dict[str, str]]:
+    """The heads this catalog can train, from its ``train`` labels: (label maps, {left-out head: why}).
+
+    A head is left out of the model, with a logged reason, when its column is absent, holds no
+    label, or has fewer than 2 classes once classes rarer than ``min_class_count`` are folded
+    into ``Other`` (a softmax over one class learns nothing; over none it cannot be built).
+    Raises ``ValueError`` when the primary head is among them: there is no model to train.
+    Cheap: call it before the photos are embedded.
+    """
+    label_maps, left_out = {}, {}
+    for head in HEADS:
+        if head not in train_rows.columns:
+            left_out[head] = "the catalog has no such column"
+            continue
+        values = [v for v in train_rows[head] if isinstance(v, str) and v.strip()]
+        if not values:
+            left_out[head] = f"none of the {len(train_rows)} training products has a label (empty or absent column)"
+            continue
+        label_map = LabelMap.fit(values, min_class_count)
+        if len(label_map) < 2:
+            left_out[head] = (f"fewer than 2 classes in {len(values)} labelled training products "
+                              f"(classes: {label_map.labels}; min_class_count={min_class_count})")
+            continue
+        label_maps[head] = label_map
+    for head, reason in left_out.items():
+        if head != PRIMARY_HEAD:
+            log.warning("head %r left out of the model: %s", head, reason)
+    if PRIMARY_HEAD in left_out:
+        raise ValueError(f"cannot train: the primary head {PRIMARY_HEAD!r} has no usable labels in the 'train' split "
+                         f"({left_out[PRIMARY_HEAD]}); it needs at least 2 classes with {min_class_count}+ "
+                         f"products each, or 1 such class plus rarer ones folded into {OTHER_LABEL!r}")
+    log.info("training heads: %s", ", ".join(f"{head} ({len(m)} classes)" for head, m in label_maps.items()))
+    return label_maps, left_out
+
+
 def encode_products(products: pd.DataFrame, text: TextEncoder, embeddings) -> dict:
     """Model inputs for a frame of products (aligned with the embeddings' product ids)."""
     has_text = products["text"].fillna("").str.strip().ne("").to_numpy()
@@ -180,12 +215,14 @@ def train(
     keras.utils.set_random_seed(settings.seed)
     if products is None:
         products = load_kaggle_catalog(settings.data_dir).products
-    train_rows = products[products["split"] == "train"].reset_index(drop=True)
-    val_rows = products[products["split"] == "val"].reset_index(drop=True)
+    train_rows = with_clean_labels(products[products["split"] == "train"].reset_index(drop=True))
+    val_rows = with_clean_labels(products[products["split"] == "val"].reset_index(drop=True))
     if train_rows.empty or val_rows.empty:
         raise ValueError("training needs products in both the 'train' and 'val' splits")
 
-    label_maps = {head: LabelMap.fit(train_rows[head], settings.min_class_count) for head in HEADS}
+    # The heads come from the data, and are settled before the (expensive) photo embedding.
+    label_maps, heads_left_out = fit_heads(train_rows, settings.min_class_count)
+    heads = tuple(label_maps)
     text = TextEncoder.fit(train_rows["text"], settings.max_text_tokens, settings.vocabulary_size)
 
     t0 = time.perf_counter()
@@ -199,8 +236,8 @@ def train(
     val_embeddings = embeddings.rows(slice(len(train_rows), None))
     embedding_seconds = time.perf_counter() - t0
 
-    head_labels = {head: label_maps[head].encode(train_rows[head]) for head in HEADS}
-    val_head_labels = {head: label_maps[head].encode(val_rows[head]) for head in HEADS}
+    head_labels = {head: label_maps[head].encode(train_rows[head]) for head in heads}
+    val_head_labels = {head: label_maps[head].encode(val_rows[head]) for head in heads}
     backbone, expert, top_history, top_seconds = None, None, {}, 0.0
     if mode == "top" and train_embeddings.has_image.any() and val_embeddings.has_image.any():
         from fashion_tagging.backbones import build_backbone
@@ -230,8 +267,8 @@ def train(
 
     model = build_head_model({h: len(m) for h, m in label_maps.items()}, vocabulary_size=len(text.vocabulary))
     # Keras wants a target for every output: train a view without the (loss-free) embedding output.
-    trainable = keras.Model(model.input, {head: model.output[head] for head in HEADS + AUXILIARY_HEADS})
-    compile_head_model(trainable, HEADS + AUXILIARY_HEADS, settings.learning_rate)
+    trainable = keras.Model(model.input, {head: model.output[head] for head in heads + AUXILIARY_HEADS})
+    compile_head_model(trainable, heads + AUXILIARY_HEADS, settings.learning_rate)
     monitor = f"val_{PRIMARY_HEAD}_acc"
     callbacks = [
         keras.callbacks.EarlyStopping(monitor=monitor, mode="max", patience=EARLY_STOPPING_PATIENCE,
@@ -276,7 +313,8 @@ def train(
     config = {
         "version": version, "backbone": settings.backbone, "image_size": settings.image_size,
         "fine_tuned": mode != "none", "fine_tune_mode": mode, "max_text_tokens": settings.max_text_tokens,
-        "vocabulary_size": settings.vocabulary_size, "heads": list(HEADS), "primary_head": PRIMARY_HEAD,
+        "vocabulary_size": settings.vocabulary_size, "heads": list(heads), "primary_head": PRIMARY_HEAD,
+        "heads_left_out": heads_left_out,
         "epochs_run": len(history.history.get("loss", [])),
         "backbone_top_epochs_run": len(top_history.get("loss", [])),
         "best_val_image_only_article_type_accuracy": max(top_history.get(monitor, [0.0])) if top_history else None,

@@ -2,8 +2,9 @@
 
 scheduler + dag-processor + api-server + a ``default`` and a ``gpu`` Celery worker, metadata in a
 fresh database of the system PostgreSQL, Redis as the broker (see scripts/local_celery_stack.py).
-The catalog side: embedded PostgreSQL with the session's tiny real model registered as production,
-and a local object store holding the slice's manifest and photos.
+The catalog side: embedded PostgreSQL with the session's tiny real model registered and promoted
+(not serving yet: the run backfills it and its ``finish`` activates it), and a local object store
+holding the slice's manifest and photos.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def _reachable(port: int) -> bool:
 
 @pytest.fixture
 def catalog(postgres_url, tmp_path, kaggle_slice_dir, tiny_artifact, ft_home):
-    """A catalog DB whose production model is the tiny artifact, and a store with the slice to ingest."""
+    """A catalog DB whose promoted model is the tiny artifact, and a store with the slice to ingest."""
     from fashion_tagging.ingest import import_kaggle_catalog
 
     if not (_reachable(5432) and _reachable(6379)):
@@ -56,18 +57,19 @@ def catalog(postgres_url, tmp_path, kaggle_slice_dir, tiny_artifact, ft_home):
         repository.promote_model(conn, config["version"])
     settings = tiny_settings(ft_home, kaggle_slice_dir, database_url=db_url, object_store_url=store.url,
                              tagging_batch_size=150)  # ~300 products: 2 mapped batches
-    yield settings, engine
+    yield settings, engine, config["version"]
     drop_database(postgres_url, db_url)
 
 
 def test_nightly_dag_over_rest_on_celery_workers(catalog, tmp_path):
-    settings, engine = catalog
+    settings, engine, version = catalog
+    assert repository.serving_model(engine) is None  # promoted: readers wait for its backfill
     with local_celery_stack.LocalCeleryStack(tmp_path / "airflow", redis_db=REDIS_DB, use_schedules=False,
                                              extra_env=pipeline.settings_env(settings)) as stack:
         run_id = stack.trigger("catalog_tagging")
         run = stack.wait_for_run("catalog_tagging", run_id, timeout_s=480)
         task_instances = stack.task_instances("catalog_tagging", run_id)
-        summary = stack.xcom("catalog_tagging", run_id, "summarize")
+        summary = stack.xcom("catalog_tagging", run_id, "finish")
         logs = {name: stack.log_tail(name, 4000) for name in ("worker-gpu", "worker-default", "scheduler")}
     assert run["state"] == "success", (task_instances, logs)
     assert run["run_type"] == "manual"
@@ -77,15 +79,20 @@ def test_nightly_dag_over_rest_on_celery_workers(catalog, tmp_path):
         by_task.setdefault(ti["task_id"], []).append(ti)
     batches = by_task["tag_batch"]
     assert len(batches) == summary["batches"] >= 2, summary
+    assert summary["status"] == "success" and summary["more_work"] is False, summary
     assert all(ti["state"] == "success" for ti in batches)
     # Only the gpu worker consumes the gpu queue, so these ran there, one at a time through the pool.
     assert {(ti["queue"], ti["pool"]) for ti in batches} == {("gpu", "gpu")}
-    assert {ti["queue"] for ti in by_task["discover"] + by_task["summarize"]} == {"default"}
+    assert {ti["queue"] for ti in by_task["discover"] + by_task["plan"] + by_task["finish"]} == {"default"}
+    # the whole backlog fitted in one run: nothing to continue
+    assert [ti["state"] for ti in by_task["continue_backlog"]] == ["skipped"]
 
     with engine.connect() as conn:
         products = conn.execute(sa.text("SELECT count(*) FROM products")).scalar_one()
         tags = conn.execute(sa.text("SELECT count(*) FROM tags")).scalar_one()
         run_row = conn.execute(sa.text("SELECT status, products_tagged, batches FROM tagging_runs "
                                        "WHERE run_id = :r"), {"r": run_id}).one()
-    assert products > 0 and tags == products
+    assert products > 0 and tags == products == summary["products_tagged"]
     assert run_row == ("success", products, len(batches))
+    # it tagged the whole catalog, so finish made it the serving model
+    assert repository.serving_model(engine)["version"] == version

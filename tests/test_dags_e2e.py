@@ -9,6 +9,8 @@ nothing new, and re-tagging changed products updates rows instead of duplicating
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 import pytest
 import sqlalchemy as sa
@@ -50,6 +52,17 @@ def labelled_ids_without_photo(n: int = 3) -> list[int]:
     split = pd.read_csv(DATA_DIR / "split.csv")
     train_ids = split.loc[split["split"] == "train", "id"]
     return [int(i) for i in train_ids if not (DATA_DIR / "images" / f"{i}.jpg").is_file()][:n]
+
+
+def run_details(engine, run_id: str) -> dict:
+    """The run's full summary, as ``finish`` recorded it in tagging_runs."""
+    with engine.connect() as conn:
+        return conn.execute(sa.text("SELECT details FROM tagging_runs WHERE run_id = :r"), {"r": run_id}).scalar_one()
+
+
+def promoted_version(engine, status: str) -> str:
+    with engine.connect() as conn:
+        return conn.execute(sa.text("SELECT version FROM model_versions WHERE status = :s"), {"s": status}).scalar_one()
 
 
 def count(engine, sql: str, **params) -> int:
@@ -95,7 +108,7 @@ def test_retrain_promotes_a_passing_candidate_and_emits_the_asset(world, promote
     with world["engine"].connect() as conn:
         production = conn.execute(sa.text(
             "SELECT version, artifact_uri, metrics -> 'test' ->> 'split' FROM model_versions "
-            "WHERE status = 'production'")).one()
+            "WHERE status = 'promoted'")).one()  # serves once it has tagged the catalog
     assert production[0] == version and production[1].startswith("s3://dags-e2e/models/")
     assert production[2] == "test"
     assert world["store"].exists(f"models/{version}/model.keras")
@@ -105,8 +118,11 @@ def test_tagging_tags_every_product_once(world, first_tagging):
     assert first_tagging["state"] == "success", first_tagging.get("log_tail")
     engine = world["engine"]
     products = count(engine, "SELECT count(*) FROM products")
-    summary = first_tagging["xcom"]["summarize"]
+    assert first_tagging["xcom"]["finish"]["status"] == "success"
+    summary = run_details(engine, first_tagging["run_id"])
     assert summary["batches"] == len(first_tagging["tasks"]["tag_batch"]) >= 2
+    assert len(json.dumps(first_tagging["xcom"]["plan"])) < 100 * summary["batches"]  # descriptors, not ids
+    assert summary["activated"]["version"] == promoted_version(engine, "serving")  # it covers the catalog now
     # Every product has a title, so every one is tagged (the corrupt photo's from text, as an error).
     assert count(engine, "SELECT count(*) FROM tags") == summary["products_tagged"] == products
     assert summary["errors"] >= 1 and summary["products_per_second"] > 0
@@ -123,8 +139,9 @@ def test_quiet_night_new_manifest_and_rerun_never_duplicate(world, first_tagging
 
     quiet = pipeline.run_dag_locally("catalog_tagging", settings=settings)
     assert quiet["state"] == "success"
-    assert quiet["tasks"]["anything_to_tag"] == "success"
-    assert quiet["tasks"]["summarize"] == "skipped" and quiet["xcom"]["discover"]["product_ids"] == []
+    assert quiet["tasks"]["tag_batch"] == "skipped" and quiet["xcom"]["plan"] == []
+    assert [v["backlog"] for v in quiet["xcom"]["discover"]["versions"]] == [0]
+    assert run_details(engine, quiet["run_id"])["nothing_to_do"] == "nothing new to tag"
     assert count(engine, "SELECT count(*) FROM tags") == tags_before
 
     known = set(slice_ids())
@@ -138,6 +155,6 @@ def test_quiet_night_new_manifest_and_rerun_never_duplicate(world, first_tagging
                              "'%(new season)'"))
     second = pipeline.run_dag_locally("catalog_tagging", settings=settings)
     assert second["state"] == "success", second.get("log_tail")
-    assert second["xcom"]["summarize"]["products_tagged"] == NEW_PRODUCTS + 5
+    assert second["xcom"]["finish"]["products_tagged"] == NEW_PRODUCTS + 5
     assert count(engine, "SELECT count(*) FROM tags") == tags_before + NEW_PRODUCTS
     assert count(engine, "SELECT count(*) FROM tags") == count(engine, "SELECT count(DISTINCT product_id) FROM tags")

@@ -9,12 +9,14 @@ import sqlalchemy as sa
 
 from benchmarks.dashboard_latency import catalog_products, seed_synthetic_catalog
 from fashion_tagging import dashboard
+from fashion_tagging.db import repository
 from fashion_tagging.db.engine import engine_for_url
 from fashion_tagging.progress import ProgressLogger
 from fashion_tagging.settings import PRIMARY_HEAD, get_settings
 from tests.fixtures_services import drop_database, new_database
 
 SEEDED_PRODUCTS = 200
+BACKFILL_SHARE = 0.25
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +30,17 @@ def seeded(postgres_url, tmp_path_factory):
     drop_database(postgres_url, url)
 
 
+@pytest.fixture(scope="module")
+def backfilling(postgres_url, tmp_path_factory):
+    """The same catalog plus a newer promoted version that has tagged a quarter of it."""
+    url = new_database(postgres_url)
+    engine = engine_for_url(url)
+    products = catalog_products(get_settings().data_dir, SEEDED_PRODUCTS)
+    version = seed_synthetic_catalog(engine, products, tmp_path_factory.mktemp("models"), backfill=BACKFILL_SHARE)
+    yield engine, products, version
+    drop_database(postgres_url, url)
+
+
 def test_overview_shows_registry_evaluation_runs_and_predictions(seeded):
     engine, products, version = seeded
     with dashboard.read_only(engine) as conn:
@@ -35,10 +48,11 @@ def test_overview_shows_registry_evaluation_runs_and_predictions(seeded):
 
     registry = page["registry"]
     assert [m["version"] for m in registry] == ["v001", "v002", "v003"]
-    assert [m["status"] for m in registry] == ["retired", "rejected", "production"]
+    assert [m["status"] for m in registry] == ["retired", "rejected", "serving"]
     assert registry[-1]["accuracy"][PRIMARY_HEAD] == pytest.approx(0.927)
     assert registry[-1]["primary_accuracy_by_mode"]["text_only"] == pytest.approx(0.815)
     assert page["version"] == version == "v003"
+    assert page["backfill"] is None  # no promoted version is backfilling
 
     spots = page["evaluation"]["weak_spots"]
     assert page["evaluation"]["version"] == "v003" and spots
@@ -53,6 +67,50 @@ def test_overview_shows_registry_evaluation_runs_and_predictions(seeded):
     assert sum(b["products"] for b in page["confidence"]) == len(products)
     confidences = [p["confidence"] for p in page["low_confidence"]]
     assert confidences == sorted(confidences) and len(confidences) == dashboard.LOW_CONFIDENCE_LIMIT
+
+
+def test_aggregates_equal_a_count_over_the_serving_versions_tags(seeded):
+    """The page reads tag_stats (kept by every write) instead of scanning tags: they must agree."""
+    engine, products, version = seeded
+    with dashboard.read_only(engine) as conn:
+        categories = dashboard.category_distribution(conn, version, top=1000)
+        histogram = dashboard.confidence_histogram(conn, version)
+        coarse = dashboard.confidence_histogram(conn, version, bins=5)
+        by_label = dict(conn.execute(sa.text("SELECT article_type, count(*) FROM tags WHERE model_version = :v "
+                                             "GROUP BY 1"), {"v": version}).all())
+        by_bin = dict(conn.execute(sa.text(
+            "SELECT LEAST(width_bucket(article_type_confidence, 0.0, 1.0, :bins), :bins), count(*) FROM tags "
+            "WHERE model_version = :v GROUP BY 1"), {"v": version, "bins": dashboard.CONFIDENCE_BINS}).all())
+        partitions = set(conn.execute(sa.text("SELECT indexname FROM pg_indexes WHERE tablename = ANY(:t)"),
+                                      {"t": [repository.partition_name(t, version) for t in ("tags", "embeddings")]})
+                         .scalars())
+
+    assert {c["label"]: c["products"] for c in categories} == by_label
+    assert [b["products"] for b in histogram] == [by_bin.get(i, 0) for i in range(1, dashboard.CONFIDENCE_BINS + 1)]
+    assert [b["products"] for b in coarse] == [sum(b["products"] for b in histogram[i:i + 4]) for i in range(0, 20, 4)]
+    with pytest.raises(ValueError, match="divisor"):
+        with dashboard.read_only(engine) as conn:
+            dashboard.confidence_histogram(conn, version, bins=7)
+    # the serving version was activated: its partitions have the review and vector indexes
+    assert {f"{repository.partition_name('tags', version)}_confidence",
+            f"{repository.partition_name('embeddings', version)}_hnsw"} <= partitions
+
+
+def test_a_backfilling_version_is_shown_as_progress_while_readers_keep_the_serving_one(backfilling):
+    engine, products, version = backfilling
+    with dashboard.read_only(engine) as conn:
+        page = dashboard.overview(conn)
+        similar = dashboard.similar_products(conn, int(products["id"].iloc[-1]), dashboard.displayed_version(conn))
+
+    assert [(m["version"], m["status"]) for m in page["registry"]][-2:] == [("v003", "serving"), ("v004", "promoted")]
+    assert page["version"] == version == "v003"  # promoted is not served before it covers the catalog
+    assert page["backfill"]["version"] == "v004"
+    assert page["backfill"]["tagged"] == int(len(products) * BACKFILL_SHARE)
+    assert page["counts"] == {"products": len(products), "tagged": len(products)}  # of the serving version
+    assert sum(c["products"] for c in page["categories"]) == len(products)
+    assert page["evaluation"]["version"] == "v004" and page["evaluation"]["status"] == "promoted"
+    # the last product has no v004 tag yet; the serving version answers for it
+    assert similar is not None and len(similar["neighbours"]) == dashboard.SIMILAR_LIMIT
 
 
 def test_similar_products_are_nearest_by_embedding(seeded):

@@ -38,7 +38,7 @@ def count(conn, table) -> int:
 
 @pytest.fixture
 def tagged_db(catalog_engine):
-    """Products 1..n plus a registered production model, ready for tag writes."""
+    """Products 1..n plus a registered, promoted model, ready for tag writes."""
     with catalog_engine.begin() as conn:
         repository.upsert_products(conn, products_frame(range(1, 41)))
         repository.register_model(conn, VERSION, "efficientnet-lite0", 224, False, "file:///tmp/x", {}, 0.9)
@@ -58,10 +58,11 @@ def test_migrations_from_empty_database_match_schema(postgres_url):
         migrate(engine)  # and again: a no-op
         with engine.connect() as conn:
             drift = compare_metadata(MigrationContext.configure(conn), schema.metadata)
-            indexes = conn.execute(sa.text("SELECT indexdef FROM pg_indexes WHERE tablename = 'embeddings'")).scalars()
+            partitioned = conn.execute(sa.text("SELECT c.relname FROM pg_partitioned_table p "
+                                               "JOIN pg_class c ON c.oid = p.partrelid")).scalars().all()
             assert conn.execute(sa.text("SELECT extversion FROM pg_extension WHERE extname = 'vector'")).scalar()
         assert drift == []
-        assert any("USING hnsw (product_embedding vector_cosine_ops)" in index for index in indexes)
+        assert sorted(partitioned) == ["embeddings", "tags"]
     finally:
         drop_database(postgres_url, url)
 
@@ -85,11 +86,12 @@ def test_same_batch_twice_gives_one_row_per_product(tagged_db):
             repository.write_tags_and_embeddings(conn, VERSION, "run-1", ids, predictions)
     with tagged_db.connect() as conn:
         assert count(conn, schema.tags) == count(conn, schema.embeddings) == 20
-        image_less = conn.execute(sa.select(schema.embeddings.c.product_id)
-                                  .where(schema.embeddings.c.image_embedding.is_(None))).scalars().all()
+        image_less = conn.execute(sa.select(schema.tags.c.product_id)
+                                  .where(schema.tags.c.has_image.is_(False))).scalars().all()
         heads = conn.execute(sa.select(schema.tags.c.heads).where(schema.tags.c.product_id == 1)).scalar_one()
         assert sorted(image_less) == [4, 8, 12, 16, 20]
         assert heads["articleType"]["label"] == predictions.labels["articleType"][0]
+        assert stats_match_tags(conn, VERSION)
         assert repository.products_needing_tags(conn, VERSION) == list(range(21, 41))
         assert repository.products_needing_tags(conn, "other-version", limit=3) == [1, 2, 3]
 
@@ -97,7 +99,7 @@ def test_same_batch_twice_gives_one_row_per_product(tagged_db):
 def test_write_killed_mid_transaction_then_retried(tagged_db, monkeypatch):
     ids = list(range(1, 31))
     predictions = synthetic_predictions(len(ids), seed=2)
-    real_copy = repository.copy_rows
+    real_copy = repository._copy_encoded  # the fresh-rows path: COPY straight into the partitions
     calls = []
 
     def copy_then_die(conn, table, *args):
@@ -106,7 +108,7 @@ def test_write_killed_mid_transaction_then_retried(tagged_db, monkeypatch):
             raise ConnectionError("worker killed mid-batch")
         return real_copy(conn, table, *args)
 
-    monkeypatch.setattr(repository, "copy_rows", copy_then_die)
+    monkeypatch.setattr(repository, "_copy_encoded", copy_then_die)
     with pytest.raises(ConnectionError), tagged_db.begin() as conn:
         repository.write_tags_and_embeddings(conn, VERSION, "run-2", ids, predictions)
     with tagged_db.connect() as conn:
@@ -152,15 +154,82 @@ def test_model_registry_promotion_and_rejection(catalog_engine):
     repository.reject_model(catalog_engine, "v3", "accuracy 0.80 below the baseline 0.91")
 
     statuses = {row["version"]: row["status"] for row in repository.list_models(catalog_engine)}
-    assert statuses == {"v1": "retired", "v2": "production", "v3": "rejected"}
+    assert statuses == {"v1": "retired", "v2": "promoted", "v3": "rejected"}  # v1 superseded mid-backfill
     assert repository.production_model(catalog_engine)["version"] == "v2"
-    with pytest.raises(ValueError, match="production"):
+    assert repository.serving_model(catalog_engine) is None  # promoted is not serving
+    with pytest.raises(ValueError, match="promoted"):
         repository.reject_model(catalog_engine, "v2", "no")
     with pytest.raises(repository.NotFound):
         repository.promote_model(catalog_engine, "v9")
+    repository.activate_model(catalog_engine, "v2")
+    assert repository.serving_model(catalog_engine)["version"] == "v2"
     with pytest.raises(sa.exc.IntegrityError), catalog_engine.begin() as conn:  # the database guards it too
         conn.execute(schema.model_versions.update().where(schema.model_versions.c.version == "v1")
-                     .values(status="production"))
+                     .values(status="serving"))
+
+
+def stats_match_tags(conn, version) -> bool:
+    """tag_stats equal a count over tags (what the dashboard would otherwise scan)."""
+    bins = repository.CONFIDENCE_BINS
+    counted = conn.execute(sa.text(
+        f"SELECT article_type, LEAST(width_bucket(article_type_confidence, 0.0, 1.0, {bins}), {bins}), count(*) "
+        f"FROM tags WHERE model_version = :v GROUP BY 1, 2"), {"v": version}).all()
+    kept = conn.execute(sa.text("SELECT article_type, confidence_bin, products FROM tag_stats "
+                                "WHERE model_version = :v AND products <> 0"), {"v": version}).all()
+    return sorted(map(tuple, counted)) == sorted(map(tuple, kept)) and len(kept) > 0
+
+
+def test_tag_stats_follow_rewrites_and_retired_partitions_are_dropped(tagged_db):
+    ids = list(range(1, 41))
+    with tagged_db.begin() as conn:
+        repository.write_tags_and_embeddings(conn, VERSION, "run-1", ids, synthetic_predictions(40, seed=1))
+        repository.write_tags_and_embeddings(conn, VERSION, "run-2", ids[:25], synthetic_predictions(25, seed=9))
+        assert stats_match_tags(conn, VERSION)
+    repository.activate_model(tagged_db, VERSION)
+    for version in ("v-next", "v-after"):  # each serves in turn; one retired version is kept for rollback
+        repository.register_model(tagged_db, version, "efficientnet-lite0", 224, False, "file:///tmp/x", {}, 0.95)
+        repository.promote_model(tagged_db, version)
+        repository.write_tags_and_embeddings(tagged_db, version, "run-3", ids, synthetic_predictions(40, seed=3))
+        dropped = repository.activate_model(tagged_db, version)["dropped_versions"]
+    with tagged_db.connect() as conn:
+        tables = set(conn.execute(sa.text("SELECT tablename FROM pg_tables")).scalars())
+        stats_versions = set(conn.execute(sa.text("SELECT DISTINCT model_version FROM tag_stats")).scalars())
+    assert dropped == [VERSION]
+    assert repository.partition_name("tags", VERSION) not in tables
+    assert {repository.partition_name("embeddings", v) for v in ("v-next", "v-after")} <= tables
+    assert stats_versions == {"v-next", "v-after"}
+
+
+def test_migration_from_0002_keeps_tags_and_serves_the_old_production_model(postgres_url):
+    from alembic import command
+    from alembic.config import Config
+
+    from fashion_tagging.db.engine import MIGRATIONS_DIR
+
+    url = new_database(postgres_url, migrated=False)
+    try:
+        engine = engine_for_url(url)
+        config = Config()
+        config.set_main_option("script_location", str(MIGRATIONS_DIR))
+        with engine.begin() as conn:
+            config.attributes["connection"] = conn
+            command.upgrade(config, "0002")
+            conn.execute(sa.text("INSERT INTO products (product_id, title) SELECT g, 'p' || g FROM generate_series(1, 5) g"))
+            conn.execute(sa.text("INSERT INTO model_versions (version, backbone, image_size, artifact_uri, status) "
+                                 "VALUES ('old', 'efficientnet-lite0', 224, 'file:///x', 'production')"))
+            conn.execute(sa.text("INSERT INTO tags (product_id, model_version, article_type, article_type_confidence, "
+                                 "heads, has_image, has_text) SELECT g, 'old', 'Tshirts', 0.5, '{}', true, true "
+                                 "FROM generate_series(1, 5) g"))
+            conn.execute(sa.text("INSERT INTO embeddings (product_id, model_version, product_embedding) "
+                                 "SELECT g, 'old', array_fill(0.1, ARRAY[256])::vector FROM generate_series(1, 5) g"))
+        migrate(engine)
+        with engine.connect() as conn:
+            assert count(conn, schema.tags) == count(conn, schema.embeddings) == 5
+            assert stats_match_tags(conn, "old")
+            assert repository.serving_model(conn)["version"] == "old"
+            assert repository.newest_change_seq(conn) == repository.serving_model(conn)["tagged_seq"] == 5
+    finally:
+        drop_database(postgres_url, url)
 
 
 def test_similar_products_uses_the_hnsw_index(tagged_db):
@@ -171,6 +240,9 @@ def test_similar_products_uses_the_hnsw_index(tagged_db):
         vector = centre + 0.05 * (offset + 1) * predictions.product_embeddings[i]
         predictions.product_embeddings[i] = vector / np.linalg.norm(vector)
     repository.write_tags_and_embeddings(tagged_db, VERSION, "run-4", ids, predictions)
+    with pytest.raises(repository.NotFound, match="no serving model"):  # promoted, still backfilling
+        repository.similar_products(tagged_db, 1)
+    repository.activate_model(tagged_db, VERSION)  # builds the partition's HNSW index after the load
 
     with tagged_db.begin() as conn:
         similar = repository.similar_products(conn, 1, k=5)
@@ -183,7 +255,7 @@ def test_similar_products_uses_the_hnsw_index(tagged_db):
     assert len(similar) == 5 and 1 not in [row[0] for row in similar]
     assert similar[0][1] == "Product 2" and similar[0][2] == predictions.labels["articleType"][1]
     assert [row[3] for row in similar] == sorted(row[3] for row in similar)
-    assert "ix_embeddings_product_embedding_hnsw" in plan
+    assert f"{repository.partition_name('embeddings', VERSION)}_hnsw" in plan
     with pytest.raises(repository.NotFound):
         repository.similar_products(tagged_db, 999)
 
@@ -237,3 +309,28 @@ def test_get_engine_starts_one_shared_embedded_server(tmp_path):
     finally:
         stop_embedded_postgres(settings.pgdata_dir)
     assert running_port(settings.pgdata_dir) is None
+
+
+def test_fast_row_encoding_sends_the_bytes_of_the_generic_copy(monkeypatch):
+    """The backfill's hand-built COPY body equals the generic per-field encoder's, row for row."""
+    predictions = synthetic_predictions(7, seed=5, has_image=[True, False, True, True, False, True, True])
+    predictions.labels["articleType"][2] = 'Quote "and" ünïcode\\'
+    ids = [3, 1, 2**40, 5, 6, 7, 8]
+    tag_rows, embedding_rows = repository._tag_and_embedding_rows("v-é", "run \"x\"", ids, predictions)
+    sent = {}
+
+    class Cursor:
+        def copy_expert(self, sql, buffer):
+            sent[sql.split()[1]] = buffer.read()
+
+        def close(self):
+            pass
+
+    conn = type("Conn", (), {"connection": type("Raw", (), {"cursor": lambda self: Cursor()})()})()
+    repository.copy_rows(conn, "generic_tags", repository.TAG_COLUMNS, repository._TAG_TYPES, tag_rows)
+    repository.copy_rows(conn, "generic_embeddings", repository.EMBEDDING_COLUMNS, repository._EMBEDDING_TYPES,
+                         embedding_rows)
+    tag_body, embedding_body = repository._encoded_rows("v-é", "run \"x\"", ids, predictions)
+    repository._copy_encoded(conn, "tags", repository.TAG_COLUMNS, tag_body)
+    repository._copy_encoded(conn, "embeddings", repository.EMBEDDING_COLUMNS, embedding_body)
+    assert sent["tags"] == sent["generic_tags"] and sent["embeddings"] == sent["generic_embeddings"]

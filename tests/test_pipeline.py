@@ -1,29 +1,17 @@
-"""The pure DAG steps: batch planning, the promotion gate, run summaries."""
+"""The pure DAG steps: the cap on mapped tasks, the promotion gate, settings for child processes."""
 
 from __future__ import annotations
 
-import datetime as dt
 
 import pytest
 
-from fashion_tagging.pipeline import MAX_BATCH_SIZE, MIN_BATCH_SIZE, gate, plan_batches, summarize_run
+from fashion_tagging.pipeline import AIRFLOW_MAX_MAP_LENGTH, gate, max_tasks
+from fashion_tagging.settings import get_settings
 
 
-def test_plan_batches_covers_every_id_once_in_even_batches():
-    batches = plan_batches([5, 3, 3, *range(10, 2510)], 1000)
-    flat = [i for batch in batches for i in batch]
-    assert flat == sorted(set(flat)) and len(flat) == 2502
-    assert len(batches) == 3 and max(map(len, batches)) - min(map(len, batches)) <= 1
-
-
-@pytest.mark.parametrize("requested, expected", [(1, MIN_BATCH_SIZE), (10**6, MAX_BATCH_SIZE)])
-def test_plan_batches_never_tiny_nor_huge(requested, expected):
-    batches = plan_batches(list(range(20000)), requested)
-    assert max(map(len, batches)) == expected
-
-
-def test_plan_batches_of_nothing_is_no_batch():
-    assert plan_batches([], 1000) == []
+@pytest.mark.parametrize("configured, expected", [(64, 64), (0, 1), (5000, AIRFLOW_MAX_MAP_LENGTH - 1)])
+def test_mapped_tasks_stay_under_airflows_map_limit(configured, expected):
+    assert max_tasks(get_settings(tagging_max_tasks=configured)) == expected
 
 
 def test_gate_rejects_below_baseline_even_without_production():
@@ -42,16 +30,6 @@ def test_gate_rejects_a_candidate_worse_than_production():
 def test_gate_promotes_at_or_above_baseline_and_production(production):
     decision = gate({"version": "c", "article_type_accuracy": 0.93}, production, 0.91)
     assert decision["promote"] is True and decision["baseline"] == 0.91
-
-
-def test_summarize_run_totals_and_throughput():
-    started = (dt.datetime.now(dt.UTC) - dt.timedelta(seconds=10)).isoformat()
-    batch = {"model_version": "v1", "requested": 100, "tagged": 98, "text_only": 3, "errors": 4, "total_seconds": 2.0}
-    summary = summarize_run("run-1", [batch, {**batch, "tagged": 100, "errors": 0}, None], started_at=started)
-    assert summary["batches"] == 2 and summary["products_seen"] == 200 and summary["products_tagged"] == 198
-    assert summary["errors"] == 4 and summary["model_version"] == "v1"
-    assert summary["seconds"] >= 10 and 0 < summary["products_per_second"] < 198 / 10 + 1
-    assert summary["products_per_batch_second"] == 49.5
 
 
 def test_settings_env_reproduces_the_settings_in_a_child(monkeypatch, tmp_path):

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import sqlalchemy as sa
 
+from fashion_tagging import pipeline
 from fashion_tagging.db import repository, schema
 from fashion_tagging.ingest import import_kaggle_catalog, load_catalog_into_db
 from fashion_tagging.settings import get_settings
-from fashion_tagging.tagging import load_production_tagger, tag_batch
+from fashion_tagging.tagging import load_production_tagger, tag_batch, tag_work_batch
 from tests.fixtures_data import CORRUPT_IMAGE_ID
 
 NO_INPUT_ID = 990001  # a product with neither photo nor text
@@ -40,7 +43,7 @@ def catalog(kaggle_slice, s3_store, catalog_engine, tiny_artifact, tmp_path):
     with catalog_engine.connect() as conn:
         ids = repository.products_needing_tags(conn, version)
     return dict(settings=settings, engine=catalog_engine, store=s3_store, version=version, ids=ids,
-                missing_photo_id=missing_photo_id)
+                missing_photo_id=missing_photo_id, artifact_uri=s3_store.uri(f"{prefix}{version}"))
 
 
 def test_tag_batch_records_bad_inputs_and_is_safe_to_repeat(catalog):
@@ -58,7 +61,7 @@ def test_tag_batch_records_bad_inputs_and_is_safe_to_repeat(catalog):
         errors = {(row.product_id, row.stage): row.reason for row in conn.execute(sa.select(schema.product_errors)
                                                                                  .where(schema.product_errors.c.run_id == "nightly-1"))}
         assert conn.execute(sa.select(sa.func.count()).select_from(schema.embeddings)).scalar() == len(tags)
-        similar = repository.similar_products(conn, ids[0], k=3)
+        similar = repository.similar_products(conn, ids[0], k=3, model_version=catalog["version"])
     assert set(tags) == set(ids) - untaggable
     assert not tags[CORRUPT_IMAGE_ID].has_image and tags[CORRUPT_IMAGE_ID].has_text
     assert not tags[catalog["missing_photo_id"]].has_image
@@ -95,3 +98,93 @@ def test_batch_killed_while_writing_is_retried_cleanly(catalog, monkeypatch):
         tag_ids = conn.execute(sa.select(schema.tags.c.product_id)).scalars().all()
         embedding_count = conn.execute(sa.select(sa.func.count()).select_from(schema.embeddings)).scalar()
     assert sorted(tag_ids) == sorted(ids) and embedding_count == len(ids) == result.tagged
+
+
+# --- the nightly DAG's steps (discover -> plan -> tag_work_batch per descriptor -> finish) -------------
+
+
+def pipeline_settings(catalog, **overrides):
+    url = catalog["engine"].url.render_as_string(hide_password=False)
+    return dataclasses.replace(catalog["settings"], database_url=url, **overrides)
+
+
+def nightly_run(settings, run_id, *, fail=lambda batch: False):
+    """What the DAG does, task by task; a batch for which ``fail`` is true fails twice (retries spent)."""
+    discovered = pipeline.discover_tagging_work(settings, run_id)
+    descriptors = pipeline.plan_tagging_run(settings, discovered)
+    for batch in descriptors:
+        for _ in range(2 if fail(batch) else 1):
+            try:
+                tag_work_batch(batch["batch_id"], settings=settings, run_id=run_id)
+            except RuntimeError:
+                pass
+    return descriptors, pipeline.finish_tagging_run(settings, discovered)
+
+
+def tag_rows(engine, version):
+    with engine.connect() as conn:
+        return conn.execute(sa.select(schema.tags.c.product_id).where(schema.tags.c.model_version == version)
+                            ).scalars().all()
+
+
+def test_capped_runs_tag_every_product_once_and_a_promoted_model_serves_only_when_complete(catalog):
+    settings = pipeline_settings(catalog, tagging_batch_size=2, tagging_task_max_products=2, tagging_max_tasks=3)
+    engine, version = catalog["engine"], catalog["version"]
+    taggable = set(catalog["ids"]) - {NO_INPUT_ID}
+    runs = []
+    while not runs or runs[-1][1]["more_work"]:
+        assert repository.serving_model(engine) is None  # promoted, not served before it covers the catalog
+        runs.append(nightly_run(settings, f"night-{len(runs)}"))
+        assert len(runs) < 20
+    assert all(len(descriptors) <= 3 for descriptors, _ in runs)
+    assert len(runs) == -(-len(catalog["ids"]) // 6)  # 3 tasks x 2 products a run, nothing planned twice
+    assert runs[-1][1]["activated"]["version"] == version and runs[-1][1]["status"] == "success"
+    assert sorted(tag_rows(engine, version)) == sorted(taggable)  # each exactly once
+    assert repository.serving_model(engine)["version"] == version
+    quiet_descriptors, quiet = nightly_run(settings, "quiet-night")
+    assert quiet_descriptors == [] and quiet["nothing_to_do"] == "nothing new to tag"
+
+    # A second promotion: the first model keeps serving (and tagging arrivals) until the second covers all.
+    repository.register_model(engine, "v-next", "efficientnet-lite0", 64, False, catalog["artifact_uri"], {}, None)
+    repository.promote_model(engine, "v-next")
+    with engine.begin() as conn:
+        conn.execute(schema.products.insert().values(product_id=990100, title="Blue denim shirt for men"))
+    descriptors, first = nightly_run(settings, "after-promotion")
+    assert [d["model_version"] for d in descriptors][0] == version  # serving first: the arrival stays visible
+    assert 990100 in tag_rows(engine, version) and repository.serving_model(engine)["version"] == version
+    assert repository.similar_products(engine, 990100, k=2)  # readers still on the serving version
+    while first["more_work"]:
+        _, first = nightly_run(settings, f"backfill-{first['run_id']}")
+    assert repository.serving_model(engine)["version"] == "v-next"
+    assert sorted(tag_rows(engine, "v-next")) == sorted(taggable | {990100})
+    assert repository.get_model(engine, version)["status"] == "retired"
+
+
+def test_failed_batch_fails_the_run_by_name_and_the_next_run_tags_only_what_is_left(catalog, monkeypatch):
+    settings = pipeline_settings(catalog, tagging_batch_size=5, tagging_task_max_products=5, tagging_max_tasks=10)
+    engine, version = catalog["engine"], catalog["version"]
+    real_write = repository.write_tags_and_embeddings
+    doomed = sorted(catalog["ids"])[7]
+
+    def write_unless_doomed(conn, model_version, run_id, product_ids, predictions):
+        if doomed in product_ids:
+            raise RuntimeError("disk full while writing the batch")
+        return real_write(conn, model_version, run_id, product_ids, predictions)
+
+    monkeypatch.setattr(repository, "write_tags_and_embeddings", write_unless_doomed)
+    descriptors, failed_run = nightly_run(settings, "night-1", fail=lambda batch: True)
+    assert failed_run["status"] == "failed" and len(failed_run["failed_batches"]) == 1
+    failed = failed_run["failed_batches"][0]
+    assert "disk full" in failed["error"] and failed["batch_id"] in [d["batch_id"] for d in descriptors]
+    with engine.connect() as conn:
+        run_row = conn.execute(sa.select(schema.tagging_runs).where(schema.tagging_runs.c.run_id == "night-1")).one()
+    assert run_row.status == "failed" and run_row.details["failed_batches"][0]["batch_id"] == failed["batch_id"]
+    tagged_before = len(tag_rows(engine, version))
+    assert repository.serving_model(engine) is None
+
+    monkeypatch.setattr(repository, "write_tags_and_embeddings", real_write)
+    descriptors, retry = nightly_run(settings, "night-2")
+    assert [d["batch_id"] for d in descriptors] == [failed["batch_id"]]  # exactly what was left
+    assert retry["status"] == "success" and retry["products_tagged"] + tagged_before == len(tag_rows(engine, version))
+    assert sorted(tag_rows(engine, version)) == sorted(set(catalog["ids"]) - {NO_INPUT_ID})  # no duplicates
+    assert retry["activated"]["version"] == version

@@ -3,8 +3,8 @@
 Needs Debian's ``chromium`` and ``chromium-driver`` (/usr/bin/chromium, /usr/bin/chromedriver).
 Airflow's metadata goes to the system PostgreSQL on 127.0.0.1:5432 when it answers (a fresh
 database), else to the embedded test server; the catalog is a seeded database of the embedded
-server (real products, synthetic registry/runs/tags/embeddings); the object store is the shared
-data folder, read in place.
+server (real products, synthetic registry/runs/tags/embeddings: v003 serving, a newer v004
+promoted and half-way through its backfill); the object store is the shared data folder, read in place.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import requests
-import sqlalchemy as sa
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -37,6 +36,7 @@ SYSTEM_POSTGRES = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
 SCREENSHOT = Path(__file__).resolve().parent / "artifacts" / "catalog_tagging_page.png"
 WAIT_S = 60
 SEEDED_PRODUCTS = 200
+BACKFILL_SHARE = 0.5
 PAGE_PATH = "/catalog-tagging/"
 
 pytestmark = pytest.mark.skipif(not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()),
@@ -45,11 +45,11 @@ pytestmark = pytest.mark.skipif(not (Path(CHROMIUM).exists() and Path(CHROMEDRIV
 
 @pytest.fixture(scope="module")
 def seeded_catalog(postgres_url, tmp_path_factory):
-    """(database URL, FT_HOME, products, production version) of a seeded catalog."""
+    """(database URL, FT_HOME, products, serving version) of a seeded catalog with a backfill under way."""
     home = tmp_path_factory.mktemp("ft_home")
     url = new_database(postgres_url)
     products = catalog_products(get_settings().data_dir, SEEDED_PRODUCTS)
-    version = seed_synthetic_catalog(engine_for_url(url), products, home / "models")
+    version = seed_synthetic_catalog(engine_for_url(url), products, home / "models", backfill=BACKFILL_SHARE)
     yield url, home, products, version
     drop_database(postgres_url, url)
 
@@ -109,9 +109,13 @@ def test_catalog_page_in_the_airflow_ui(airflow, seeded_catalog, browser):
     wait.until(expected_conditions.presence_of_element_located((By.ID, "registry-table")))
 
     rows = browser.find_elements(By.CSS_SELECTOR, "#registry-table tbody tr")
-    assert [row.get_attribute("data-version") for row in rows] == ["v003", "v002", "v001"]
-    assert "production" in rows[0].text and "92.7%" in rows[0].text
-    assert browser.find_element(By.ID, "production-version").text == version
+    assert [row.get_attribute("data-version") for row in rows] == ["v004", "v003", "v002", "v001"]
+    badges = [row.find_element(By.CSS_SELECTOR, ".badge").get_attribute("class") for row in rows]
+    assert badges == ["badge promoted", "badge serving", "badge rejected", "badge retired"]
+    assert "92.7%" in rows[1].text and "93.6%" in rows[0].text
+    assert browser.find_element(By.ID, "serving-version").text == version == "v003"
+    backfill = browser.find_element(By.ID, "backfill").text
+    assert "v004" in backfill and f"{int(SEEDED_PRODUCTS * BACKFILL_SHARE)} of {SEEDED_PRODUCTS}" in backfill
 
     accuracy_chart = browser.find_element(By.CSS_SELECTOR, "svg[data-chart=accuracy]")
     assert len(accuracy_chart.find_elements(By.CSS_SELECTOR, "polyline.series")) == 3

@@ -9,6 +9,7 @@ rolls back entirely; its retry writes each row exactly once.
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import json
 import math
@@ -36,10 +37,15 @@ _PRODUCT_TYPES = {"product_id": "int8", "year": "int4"}
 TAG_COLUMNS = ("product_id", "model_version", "article_type", "article_type_confidence", "heads",
                "has_image", "has_text", "run_id")
 _TAG_TYPES = ("int8", "text", "text", "float8", "jsonb", "bool", "bool", "text")
-EMBEDDING_COLUMNS = ("product_id", "model_version", "image_embedding", "product_embedding", "run_id")
-_EMBEDDING_TYPES = ("int8", "text", "vector", "vector", "text")
-MODEL_STATUSES = ("registered", "production", "rejected", "retired")
+EMBEDDING_COLUMNS = ("product_id", "model_version", "product_embedding", "run_id")
+_EMBEDDING_TYPES = ("int8", "text", "vector", "text")
+MODEL_STATUSES = ("registered", "promoted", "serving", "rejected", "retired")
 PROMOTION_LOCK_KEY = 0x46545F70726F  # pg advisory lock id: "FT_pro"
+# Held by every product write until it commits, and by the planner while it reads the newest
+# change_seq: a sequence number handed out but not yet committed can never be skipped by a range.
+CHANGE_LOCK_KEY = 0x46545F636867  # "FT_chg"
+CONFIDENCE_BINS = 20  # tag_stats' confidence histogram (the dashboard's bins)
+RETIRED_VERSIONS_KEPT = 1  # retired versions whose partitions stay (a rollback target); older ones are dropped
 # HNSW + a model_version filter: keep scanning the graph until k rows match (pgvector >= 0.8).
 SIMILAR_SEARCH_SETTINGS = ("SET LOCAL hnsw.iterative_scan = relaxed_order", "SET LOCAL hnsw.ef_search = 100")
 
@@ -109,15 +115,23 @@ def copy_rows(conn: sa.Connection, table: str, columns: Sequence[str], kinds: Se
 
 def _upsert_via_temp(conn: sa.Connection, table: sa.Table, columns: Sequence[str], kinds: Sequence[str],
                      rows: Iterable[Sequence], *, conflict: Sequence[str], touch: str | None,
-                     only_if_changed: bool = False) -> int:
-    """COPY into a temp clone of ``table`` then upsert from it; returns rows inserted or changed."""
+                     only_if_changed: bool = False, extra_updates: Sequence[str] = (),
+                     before_upsert=None) -> int:
+    """COPY into a temp clone of ``table`` then upsert from it; returns rows inserted or changed.
+
+    ``before_upsert(staging_table_name)`` runs between the COPY and the upsert (tag statistics
+    read the rows about to be replaced there).
+    """
     staging = f"staging_{table.name}"
     conn.exec_driver_sql(f"DROP TABLE IF EXISTS pg_temp.{staging}")
     conn.exec_driver_sql(f"CREATE TEMP TABLE {staging} (LIKE {table.name} INCLUDING DEFAULTS) ON COMMIT DROP")
     copy_rows(conn, staging, columns, kinds, rows)
+    if before_upsert is not None:
+        before_upsert(staging)
     updates = [f"{c} = EXCLUDED.{c}" for c in columns if c not in conflict]
     if touch:
         updates.append(f"{touch} = now()")
+    updates.extend(extra_updates)
     changed = ""
     if only_if_changed:
         compared = [c for c in columns if c not in conflict]
@@ -148,8 +162,29 @@ def upsert_products(conn: sa.Connection, frame: pd.DataFrame) -> int:
     values = frame[columns].astype(object).where(frame[columns].notna(), None)
     rows = [[_none_if_blank(v, k) for v, k in zip(row, kinds, strict=True)]
             for row in values.itertuples(index=False, name=None)]
+    lock_product_changes(conn)
     return _upsert_via_temp(conn, schema.products, columns, kinds, rows, conflict=("product_id",),
-                            touch="updated_at", only_if_changed=True)
+                            touch="updated_at", only_if_changed=True,
+                            extra_updates=("change_seq = nextval('product_change_seq')",))
+
+
+def lock_product_changes(conn: sa.Connection) -> None:
+    """Serialise product writes with the planner's read of the newest change_seq (until commit)."""
+    conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": CHANGE_LOCK_KEY})
+
+
+@accepts_engine
+def requeue_products(conn: sa.Connection, product_ids: Sequence[int]) -> int:
+    """Give products a new change_seq, so every version tags them again in a later range.
+
+    Used for products a batch could not tag for a transient reason (a photo fetch that failed
+    after its retries): their range is done, yet they are not lost.
+    """
+    if not product_ids:
+        return 0
+    lock_product_changes(conn)
+    return conn.execute(sa.text("UPDATE products SET change_seq = nextval('product_change_seq') "
+                                "WHERE product_id = ANY(:ids)"), {"ids": [int(i) for i in product_ids]}).rowcount
 
 
 @accepts_engine
@@ -218,24 +253,113 @@ def _tag_and_embedding_rows(model_version: str, run_id: str, product_ids: Sequen
         tag_rows.append((int(product_id), model_version, predictions.labels[PRIMARY_HEAD][i],
                          float(predictions.confidences[PRIMARY_HEAD][i]), head_json, has_image,
                          bool(predictions.has_text[i]), run_id))
-        embedding_rows.append((int(product_id), model_version,
-                               predictions.image_embeddings[i] if has_image else None,
-                               predictions.product_embeddings[i], run_id))
+        embedding_rows.append((int(product_id), model_version, predictions.product_embeddings[i], run_id))
     return tag_rows, embedding_rows
 
 
 @accepts_engine
 def write_tags_and_embeddings(conn: sa.Connection, model_version: str, run_id: str,
                               product_ids: Sequence[int], predictions) -> int:
-    """Upsert one batch of predictions (COPY path); re-writing the same batch changes nothing else."""
-    tag_rows, embedding_rows = _tag_and_embedding_rows(model_version, run_id, product_ids, predictions)
-    if not tag_rows:
+    """Write one batch of predictions; re-writing the same batch changes nothing else.
+
+    Fresh rows (a backfill, new arrivals: none of the ids tagged by this version yet, one index
+    probe to know) are COPYed straight into the version's partition. Otherwise the batch goes
+    COPY -> temp table -> ``INSERT ... ON CONFLICT DO UPDATE``. Either way the version's
+    ``tag_stats`` move by exactly the rows added or replaced, in the same transaction.
+    """
+    if len(product_ids) != len(predictions.has_image):
+        raise ValueError(f"{len(product_ids)} product ids but {len(predictions.has_image)} predictions")
+    if not len(product_ids):
         return 0
+    ensure_version_partitions(conn, model_version)
+    ids = [int(i) for i in product_ids]
+    already = conn.execute(sa.text("SELECT 1 FROM tags WHERE model_version = :v AND product_id = ANY(:ids) LIMIT 1"),
+                           {"v": model_version, "ids": ids}).first()
+    if already is None:
+        tag_body, embedding_body = _encoded_rows(model_version, run_id, ids, predictions)
+        _copy_encoded(conn, "tags", TAG_COLUMNS, tag_body)
+        _copy_encoded(conn, "embeddings", EMBEDDING_COLUMNS, embedding_body)
+        _add_stats(conn, model_version, predictions)
+        return len(ids)
+    tag_rows, embedding_rows = _tag_and_embedding_rows(model_version, run_id, ids, predictions)
     _upsert_via_temp(conn, schema.tags, TAG_COLUMNS, _TAG_TYPES, tag_rows,
-                     conflict=("product_id", "model_version"), touch="tagged_at")
+                     conflict=("product_id", "model_version"), touch="tagged_at",
+                     before_upsert=lambda staging: _stats_delta_before(conn, staging, model_version))
+    _apply_stats_delta(conn, model_version)
     _upsert_via_temp(conn, schema.embeddings, EMBEDDING_COLUMNS, _EMBEDDING_TYPES, embedding_rows,
                      conflict=("product_id", "model_version"), touch="created_at")
     return len(tag_rows)
+
+
+def _text_field(value: str) -> bytes:
+    payload = value.encode()
+    return struct.pack(">i", len(payload)) + payload
+
+
+def _encoded_rows(model_version: str, run_id: str, product_ids: Sequence[int], predictions) -> tuple[bytes, bytes]:
+    """Binary COPY bodies of the tag and embedding rows, built without per-field dispatch.
+
+    The same bytes :func:`copy_rows` would send for :func:`_tag_and_embedding_rows`' rows (the
+    heads JSON is assembled from pre-escaped labels; numbers as ``json`` writes them).
+    """
+    if PRIMARY_HEAD not in predictions.labels:
+        raise ValueError(f"predictions lack the primary head {PRIMARY_HEAD!r}")
+    heads = list(predictions.labels)
+    escaped: dict[str, str] = {}
+
+    def quoted(label: str) -> str:
+        if label not in escaped:
+            escaped[label] = json.dumps(label)
+        return escaped[label]
+
+    version_field, run_field = _text_field(model_version), _text_field(run_id)
+    tag_count, embedding_count = struct.pack(">h", len(TAG_COLUMNS)), struct.pack(">h", len(EMBEDDING_COLUMNS))
+    vectors = np.ascontiguousarray(predictions.product_embeddings, dtype=">f4")
+    vector_header = struct.pack(">iHH", 4 + 4 * vectors.shape[1], vectors.shape[1], 0)
+    confidences = {head: np.asarray(predictions.confidences[head], dtype=np.float64) for head in heads}
+    true, false = struct.pack(">i", 1) + b"\x01", struct.pack(">i", 1) + b"\x00"
+    tag_parts, embedding_parts = [], []
+    for i, product_id in enumerate(product_ids):
+        id_field = struct.pack(">iq", 8, product_id)
+        head_json = ",".join(
+            f'{quoted(head)}:{{"label":{quoted(predictions.labels[head][i])},'
+            f'"confidence":{round(float(confidences[head][i]), 6)!r},"top_k":['
+            + ",".join(f"[{quoted(label)},{float(score)!r}]" for label, score in predictions.top_k[head][i])
+            + "]}" for head in heads)
+        tag_parts += [tag_count, id_field, version_field, _text_field(predictions.labels[PRIMARY_HEAD][i]),
+                      struct.pack(">id", 8, confidences[PRIMARY_HEAD][i]),
+                      _text_field("\x01{" + head_json + "}"),
+                      true if predictions.has_image[i] else false, true if predictions.has_text[i] else false,
+                      run_field]
+        embedding_parts += [embedding_count, id_field, version_field, vector_header, vectors[i].tobytes(), run_field]
+    return b"".join(tag_parts), b"".join(embedding_parts)
+
+
+def _copy_encoded(conn: sa.Connection, table: str, columns: Sequence[str], body: bytes) -> None:
+    buffer = io.BytesIO(_COPY_HEADER + body + struct.pack(">h", -1))
+    cursor = conn.connection.cursor()
+    try:
+        cursor.copy_expert(f"COPY {table} ({', '.join(columns)}) FROM STDIN WITH (FORMAT binary)", buffer)
+    finally:
+        cursor.close()
+
+
+def _add_stats(conn: sa.Connection, model_version: str, predictions) -> None:
+    """Count fresh rows into tag_stats (bins as width_bucket computes them), keys in lock order."""
+    confidences = np.asarray(predictions.confidences[PRIMARY_HEAD], dtype=np.float64)
+    bins = np.minimum(np.floor(confidences * CONFIDENCE_BINS).astype(int) + 1, CONFIDENCE_BINS)
+    counts: dict[tuple[str, int], int] = {}
+    for label, confidence_bin in zip(predictions.labels[PRIMARY_HEAD], bins.tolist(), strict=True):
+        counts[(label, confidence_bin)] = counts.get((label, confidence_bin), 0) + 1
+    keys = sorted(counts)
+    conn.execute(sa.text("""
+        INSERT INTO tag_stats (model_version, article_type, confidence_bin, products)
+        SELECT :version, label, bin, n FROM unnest(:labels, :bins, :counts) AS fresh(label, bin, n)
+        ORDER BY label, bin
+        ON CONFLICT (model_version, article_type, confidence_bin)
+        DO UPDATE SET products = tag_stats.products + EXCLUDED.products
+    """), {"version": model_version, "labels": [label for label, _ in keys], "bins": [b for _, b in keys],
+           "counts": [counts[key] for key in keys]})
 
 
 @accepts_engine
@@ -245,6 +369,7 @@ def write_tags_and_embeddings_plain(conn: sa.Connection, model_version: str, run
     tag_rows, embedding_rows = _tag_and_embedding_rows(model_version, run_id, product_ids, predictions)
     if not tag_rows:
         return 0
+    ensure_version_partitions(conn, model_version)
     for table, columns, rows in ((schema.tags, TAG_COLUMNS, tag_rows),
                                  (schema.embeddings, EMBEDDING_COLUMNS, embedding_rows)):
         statement = pg_insert(table)
@@ -252,6 +377,223 @@ def write_tags_and_embeddings_plain(conn: sa.Connection, model_version: str, run
         statement = statement.on_conflict_do_update(index_elements=["product_id", "model_version"], set_=updates)
         conn.execute(statement, [dict(zip(columns, row, strict=True)) for row in rows])
     return len(tag_rows)
+
+
+_CONFIDENCE_BIN_SQL = f"LEAST(width_bucket(article_type_confidence, 0.0, 1.0, {CONFIDENCE_BINS}), {CONFIDENCE_BINS})"
+
+
+def _stats_delta_before(conn: sa.Connection, staging: str, model_version: str) -> None:
+    """Stage -1 per replaced tag (old label and bin) and +1 per incoming one."""
+    conn.exec_driver_sql("DROP TABLE IF EXISTS pg_temp.staging_tag_stats")
+    conn.exec_driver_sql(
+        f"CREATE TEMP TABLE staging_tag_stats ON COMMIT DROP AS "
+        f"SELECT t.article_type, {_CONFIDENCE_BIN_SQL.replace('article_type_confidence', 't.article_type_confidence')}"
+        f" AS confidence_bin, -count(*) AS products FROM tags t "
+        f"WHERE t.model_version = %(version)s AND t.product_id IN (SELECT product_id FROM {staging}) GROUP BY 1, 2 "
+        f"UNION ALL SELECT article_type, {_CONFIDENCE_BIN_SQL}, count(*) FROM {staging} GROUP BY 1, 2",
+        {"version": model_version})
+
+
+def _apply_stats_delta(conn: sa.Connection, model_version: str) -> None:
+    """Add the staged deltas, rows locked in key order (concurrent batches never deadlock)."""
+    conn.exec_driver_sql(
+        "INSERT INTO tag_stats (model_version, article_type, confidence_bin, products) "
+        "SELECT %(version)s, article_type, confidence_bin, sum(products) FROM staging_tag_stats "
+        "GROUP BY article_type, confidence_bin HAVING sum(products) <> 0 ORDER BY article_type, confidence_bin "
+        "ON CONFLICT (model_version, article_type, confidence_bin) "
+        "DO UPDATE SET products = tag_stats.products + EXCLUDED.products", {"version": model_version})
+
+
+# --- per-version partitions ------------------------------------------------------------------
+
+
+def partition_name(table: str, model_version: str) -> str:
+    """The partition of ``tags`` / ``embeddings`` holding one version (same rule as migration 0003)."""
+    return f"{table}_v_{hashlib.sha1(model_version.encode()).hexdigest()[:16]}"
+
+
+@accepts_engine
+def ensure_version_partitions(conn: sa.Connection, model_version: str) -> None:
+    """Create the version's tags and embeddings partitions if absent (primary keys only, no other index)."""
+    if conn.execute(sa.text("SELECT to_regclass(:name)"), {"name": partition_name("embeddings", model_version)}).scalar():
+        return
+    conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": PROMOTION_LOCK_KEY})
+    literal = model_version.replace("'", "''")
+    for table in ("tags", "embeddings"):
+        conn.exec_driver_sql(f"CREATE TABLE IF NOT EXISTS {partition_name(table, model_version)} "
+                             f"PARTITION OF {table} FOR VALUES IN ('{literal}')")
+
+
+@accepts_engine
+def build_version_indexes(conn: sa.Connection, model_version: str, *,
+                          maintenance_work_mem: str | None = "1GB") -> dict:
+    """Build the review (confidence) and HNSW vector indexes of a version's partitions, once loaded.
+
+    pgvector builds an HNSW index far faster over loaded rows than row by row; the build's
+    memory is raised for this transaction only. Returns seconds per index.
+    """
+    import time
+
+    ensure_version_partitions(conn, model_version)
+    tags_table, embeddings_table = partition_name("tags", model_version), partition_name("embeddings", model_version)
+    if maintenance_work_mem:
+        conn.exec_driver_sql(f"SET LOCAL maintenance_work_mem = '{maintenance_work_mem}'")
+    timings = {}
+    for name, statement in (
+            ("confidence", f"CREATE INDEX IF NOT EXISTS {tags_table}_confidence ON {tags_table} "
+                           f"(article_type_confidence, product_id)"),
+            ("hnsw", f"CREATE INDEX IF NOT EXISTS {embeddings_table}_hnsw ON {embeddings_table} "
+                     f"USING hnsw (product_embedding vector_cosine_ops) WITH (m = 16, ef_construction = 64)")):
+        tick = time.perf_counter()
+        conn.exec_driver_sql(statement)
+        timings[f"{name}_index_seconds"] = round(time.perf_counter() - tick, 2)
+    return timings
+
+
+@accepts_engine
+def drop_version_partitions(conn: sa.Connection, model_version: str) -> None:
+    """Drop a version's tags, embeddings and statistics: whole tables, no row-by-row delete."""
+    for table in ("tags", "embeddings"):
+        conn.exec_driver_sql(f"DROP TABLE IF EXISTS {partition_name(table, model_version)}")
+    conn.execute(sa.delete(schema.tag_stats).where(schema.tag_stats.c.model_version == model_version))
+
+
+# --- tagging work: ranges of products.change_seq ----------------------------------------------
+
+
+@accepts_engine
+def newest_change_seq(conn: sa.Connection) -> int:
+    """The highest change_seq, read once every product write in flight has committed (one index probe)."""
+    lock_product_changes(conn)
+    return int(conn.execute(sa.text("SELECT coalesce(max(change_seq), 0) FROM products")).scalar())
+
+
+@accepts_engine
+def count_products(conn: sa.Connection) -> int:
+    """Products in the catalog (once per run; the dashboard reads the run's figure, not this)."""
+    return int(conn.execute(sa.text("SELECT count(*) FROM products")).scalar())
+
+
+@accepts_engine
+def count_changes_between(conn: sa.Connection, after_seq: int, upto_seq: int, *, limit: int | None = None) -> int:
+    """Products with after_seq < change_seq <= upto_seq (counted up to ``limit``: an index-only scan)."""
+    inner = "SELECT 1 FROM products WHERE change_seq > :lo AND change_seq <= :hi"
+    if limit is not None:
+        inner += f" LIMIT {int(limit)}"
+    return int(conn.execute(sa.text(f"SELECT count(*) FROM ({inner}) s"), {"lo": after_seq, "hi": upto_seq}).scalar())
+
+
+@accepts_engine
+def plan_tagging_batches(conn: sa.Connection, model_version: str, run_id: str, *, target_seq: int,
+                         max_batches: int, products_per_batch: int) -> list[sa.RowMapping]:
+    """This run's work for one version, at most ``max_batches`` ranges of ~``products_per_batch`` products.
+
+    Ranges an earlier run left planned or failed come first (re-issued as they are, so a re-run
+    finishes exactly what is left); then new ranges from the version's ``planned_seq`` up to
+    ``target_seq``, cut every ``products_per_batch`` products by a window over the change_seq
+    index (only the rows being planned are read). Returns the batch rows.
+    """
+    b, mv = schema.tagging_batches, schema.model_versions
+    if max_batches <= 0:
+        return []
+    leftover = conn.execute(sa.select(b.c.batch_id).where(b.c.model_version == model_version, b.c.status != "done")
+                            .order_by(b.c.seq_from).limit(max_batches)).scalars().all()
+    if leftover:
+        conn.execute(b.update().where(b.c.batch_id.in_(leftover))
+                     .values(run_id=run_id, status="planned", updated_at=sa.func.now()))
+    room = max_batches - len(leftover)
+    planned_seq = int(conn.execute(sa.select(mv.c.planned_seq).where(mv.c.version == model_version)
+                                   .with_for_update()).scalar_one())
+    if room > 0 and planned_seq < target_seq:
+        cuts = conn.execute(sa.text("""
+            SELECT change_seq, n, total FROM (
+                SELECT change_seq, row_number() OVER (ORDER BY change_seq) AS n, count(*) OVER () AS total
+                FROM (SELECT change_seq FROM products WHERE change_seq > :lo AND change_seq <= :hi
+                      ORDER BY change_seq LIMIT :limit) AS planned
+            ) AS numbered WHERE n % :size = 0 OR n = total ORDER BY n
+        """), {"lo": planned_seq, "hi": target_seq, "limit": room * products_per_batch,
+               "size": products_per_batch}).all()
+        ranges, low, counted = [], planned_seq, 0
+        for seq, n, total in cuts:
+            last = n == total and total < room * products_per_batch
+            high = target_seq if last else int(seq)  # the final range reaches the target
+            ranges.append({"model_version": model_version, "seq_from": low, "seq_to": high, "done_seq": low,
+                           "products": int(n) - counted, "run_id": run_id})
+            low, counted = high, int(n)
+        if not cuts:  # nothing left in (planned_seq, target]: products moved on; the range is empty
+            low = target_seq
+        if ranges:
+            conn.execute(pg_insert(b).values(ranges).on_conflict_do_nothing(constraint="uq_tagging_batches_range"))
+        conn.execute(mv.update().where(mv.c.version == model_version).values(planned_seq=low))
+    return list(conn.execute(sa.select(b).where(b.c.model_version == model_version, b.c.run_id == run_id,
+                                                b.c.status == "planned").order_by(b.c.seq_from)).mappings())
+
+
+@accepts_engine
+def get_batch(conn: sa.Connection, batch_id: int) -> sa.RowMapping:
+    b = schema.tagging_batches
+    row = conn.execute(sa.select(b).where(b.c.batch_id == int(batch_id))).mappings().first()
+    if row is None:
+        raise NotFound(f"no tagging batch {batch_id}")
+    return row
+
+
+@accepts_engine
+def start_batch_attempt(conn: sa.Connection, batch_id: int) -> sa.RowMapping:
+    """Count an attempt at a batch and return it (its ``done_seq`` says where to resume)."""
+    b = schema.tagging_batches
+    conn.execute(b.update().where(b.c.batch_id == int(batch_id))
+                 .values(attempts=b.c.attempts + 1, status=sa.case((b.c.status == "done", "done"), else_="planned"),
+                         updated_at=sa.func.now()))
+    return get_batch(conn, batch_id)
+
+
+@accepts_engine
+def products_in_range(conn: sa.Connection, after_seq: int, upto_seq: int, limit: int) -> list[sa.Row]:
+    """The next ``limit`` product rows of a range, in change_seq order (keyset pagination)."""
+    p = schema.products
+    return list(conn.execute(sa.select(p).where(p.c.change_seq > after_seq, p.c.change_seq <= upto_seq)
+                             .order_by(p.c.change_seq).limit(limit)))
+
+
+@accepts_engine
+def advance_batch(conn: sa.Connection, batch_id: int, done_seq: int, *, tagged: int, text_only: int, errors: int,
+                  seconds: float) -> None:
+    """Record progress inside a batch (same transaction as the chunk's tags: crash-consistent)."""
+    b = schema.tagging_batches
+    conn.execute(b.update().where(b.c.batch_id == int(batch_id))
+                 .values(done_seq=sa.func.greatest(b.c.done_seq, int(done_seq)), tagged=b.c.tagged + tagged,
+                         text_only=b.c.text_only + text_only, errors=b.c.errors + errors,
+                         seconds=b.c.seconds + seconds, updated_at=sa.func.now()))
+
+
+@accepts_engine
+def finish_batch(conn: sa.Connection, batch_id: int, *, error: str | None = None) -> None:
+    """Mark a batch done, or failed with the error that ended its attempt."""
+    b = schema.tagging_batches
+    values = {"status": "failed", "error": error[:2000]} if error else {"status": "done", "done_seq": b.c.seq_to,
+                                                                         "error": None}
+    conn.execute(b.update().where(b.c.batch_id == int(batch_id)).values(**values, updated_at=sa.func.now()))
+
+
+@accepts_engine
+def run_batches(conn: sa.Connection, run_id: str) -> list[sa.RowMapping]:
+    b = schema.tagging_batches
+    return list(conn.execute(sa.select(b).where(b.c.run_id == run_id).order_by(b.c.model_version, b.c.seq_from))
+                .mappings())
+
+
+@accepts_engine
+def advance_tagged_seq(conn: sa.Connection, model_version: str) -> int:
+    """Move a version's ``tagged_seq`` to the end of its contiguous finished work; returns it."""
+    b, mv = schema.tagging_batches, schema.model_versions
+    open_from = conn.execute(sa.select(sa.func.min(b.c.done_seq))
+                             .where(b.c.model_version == model_version, b.c.status != "done")).scalar()
+    planned = conn.execute(sa.select(mv.c.planned_seq).where(mv.c.version == model_version)).scalar_one()
+    tagged = int(planned if open_from is None else open_from)
+    conn.execute(mv.update().where(mv.c.version == model_version)
+                 .values(tagged_seq=sa.func.greatest(mv.c.tagged_seq, tagged)))
+    return int(conn.execute(sa.select(mv.c.tagged_seq).where(mv.c.version == model_version)).scalar_one())
 
 
 # --- errors and runs --------------------------------------------------------------------------
@@ -316,10 +658,31 @@ def register_model(conn: sa.Connection, version: str, backbone: str, image_size:
 
 
 @accepts_engine
-def production_model(conn: sa.Connection) -> sa.RowMapping | None:
-    """The one model with status ``production``, or None before the first promotion."""
+def serving_model(conn: sa.Connection) -> sa.RowMapping | None:
+    """The version every reader uses (UI, similar products, CLI): it has tagged the whole catalog."""
     mv = schema.model_versions
-    return conn.execute(sa.select(mv).where(mv.c.status == "production")).mappings().first()
+    return conn.execute(sa.select(mv).where(mv.c.status == "serving")).mappings().first()
+
+
+@accepts_engine
+def production_model(conn: sa.Connection) -> sa.RowMapping | None:
+    """The newest model that passed the gate: the promoted one while it backfills, else the serving one.
+
+    This is what a retrain must beat and what tagging without an explicit version runs; readers
+    use :func:`serving_model` instead. None before the first promotion.
+    """
+    mv = schema.model_versions
+    return conn.execute(sa.select(mv).where(mv.c.status.in_(("promoted", "serving")))
+                        .order_by((mv.c.status == "promoted").desc())).mappings().first()
+
+
+@accepts_engine
+def tagging_models(conn: sa.Connection) -> list[sa.RowMapping]:
+    """Versions the nightly run tags for: the serving one first (new arrivals stay visible), then
+    the promoted one (its backfill)."""
+    mv = schema.model_versions
+    return list(conn.execute(sa.select(mv).where(mv.c.status.in_(("serving", "promoted")))
+                             .order_by((mv.c.status == "promoted").asc())).mappings())
 
 
 @accepts_engine
@@ -333,22 +696,51 @@ def get_model(conn: sa.Connection, version: str) -> sa.RowMapping:
 
 @accepts_engine
 def promote_model(conn: sa.Connection, version: str) -> None:
-    """Make ``version`` the production model, retiring the previous one in the same transaction."""
+    """Mark ``version`` promoted: it starts its backfill, and serves once it covers the catalog.
+
+    A promoted version that had not finished its backfill is superseded (retired, its partitions
+    dropped); the serving version keeps serving until :func:`activate_model`.
+    """
     mv = schema.model_versions
     conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": PROMOTION_LOCK_KEY})
-    if get_model(conn, version)["status"] == "production":
+    if get_model(conn, version)["status"] in ("promoted", "serving"):
         return
-    conn.execute(mv.update().where(mv.c.status == "production").values(status="retired"))
+    superseded = conn.execute(mv.update().where(mv.c.status == "promoted").values(status="retired")
+                              .returning(mv.c.version)).scalars().all()
+    for old in superseded:
+        drop_version_partitions(conn, old)
     conn.execute(mv.update().where(mv.c.version == version)
-                 .values(status="production", promoted_at=sa.func.now(), gate_reason=None))
+                 .values(status="promoted", promoted_at=sa.func.now(), gate_reason=None, tagged_seq=0, planned_seq=0))
+    ensure_version_partitions(conn, version)
+
+
+@accepts_engine
+def activate_model(conn: sa.Connection, version: str, *, build_indexes: bool = True) -> dict:
+    """Make a promoted version serve: build its indexes, retire the old serving one, drop old partitions.
+
+    Returns index build timings and the versions whose partitions were dropped.
+    """
+    mv = schema.model_versions
+    conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": PROMOTION_LOCK_KEY})
+    if get_model(conn, version)["status"] == "serving":
+        return {}
+    timings = build_version_indexes(conn, version) if build_indexes else {}
+    conn.execute(mv.update().where(mv.c.status == "serving").values(status="retired"))
+    conn.execute(mv.update().where(mv.c.version == version).values(status="serving", serving_since=sa.func.now()))
+    retired = conn.execute(sa.select(mv.c.version).where(mv.c.status == "retired")
+                           .order_by(mv.c.serving_since.desc().nulls_last(), mv.c.created_at.desc())).scalars().all()
+    dropped = retired[RETIRED_VERSIONS_KEPT:]
+    for old in dropped:
+        drop_version_partitions(conn, old)
+    return {**timings, "dropped_versions": list(dropped)}
 
 
 @accepts_engine
 def reject_model(conn: sa.Connection, version: str, reason: str) -> None:
     """Mark a candidate as rejected by the quality gate, with the reason shown in the UI."""
     mv = schema.model_versions
-    if get_model(conn, version)["status"] == "production":
-        raise ValueError(f"model {version!r} is in production: promote another version before rejecting it")
+    if get_model(conn, version)["status"] in ("promoted", "serving"):
+        raise ValueError(f"model {version!r} is promoted or serving: promote another version before rejecting it")
     conn.execute(mv.update().where(mv.c.version == version).values(status="rejected", gate_reason=reason))
 
 
@@ -368,13 +760,14 @@ def similar_products(conn: sa.Connection, product_id: int, k: int = 10,
     """The ``k`` nearest products by cosine distance of fused embeddings (HNSW index).
 
     Returns (product_id, title, article_type, distance); article_type is the model's tag,
-    falling back to the catalog label. Uses the production model unless a version is given.
+    falling back to the catalog label. Uses the serving model unless a version is given.
     """
     if model_version is None:
-        production = production_model(conn)
-        if production is None:
-            raise NotFound("no production model: pass model_version or promote a model first")
-        model_version = production["version"]
+        serving = serving_model(conn)
+        if serving is None:
+            raise NotFound("no serving model: pass model_version, or wait until a promoted model has tagged "
+                           "the catalog")
+        model_version = serving["version"]
     query_vector = _embedding_of(product_id, model_version)
     if conn.execute(sa.select(sa.literal(1)).where(query_vector.is_not(None))).first() is None:
         raise NotFound(f"product {product_id} has no embedding from model {model_version!r}")

@@ -2,6 +2,10 @@
 
 One row per (product, model version) in ``tags`` and ``embeddings``: that primary key is what
 makes every write idempotent (COPY into a temp table, then INSERT ... ON CONFLICT DO UPDATE).
+Both are LIST-partitioned by model version: one partition pair per version, created by
+``repository.ensure_version_partitions``; their review and vector indexes are built when the
+version has tagged the whole catalog (``repository.build_version_indexes``), not row by row
+during its backfill, and a retired version is dropped as whole tables.
 """
 
 from __future__ import annotations
@@ -10,9 +14,10 @@ import sqlalchemy as sa
 from pgvector.sqlalchemy import Vector
 from sqlalchemy.dialects.postgresql import JSONB
 
-from fashion_tagging.settings import IMAGE_EMBEDDING_DIM, PRODUCT_EMBEDDING_DIM
+from fashion_tagging.settings import PRODUCT_EMBEDDING_DIM
 
 metadata = sa.MetaData()
+product_change_seq = sa.Sequence("product_change_seq", metadata=metadata)
 
 products = sa.Table(
     "products",
@@ -34,8 +39,12 @@ products = sa.Table(
     sa.Column("source", sa.Text),  # manifest object the row came from
     sa.Column("ingested_at", sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False),
     sa.Column("updated_at", sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False),
+    # Renumbered on insert and on every content change: tagging work is "change_seq above what a
+    # version has tagged", planned as ranges of it (see repository.plan_ranges).
+    sa.Column("change_seq", sa.BigInteger, server_default=sa.text("nextval('product_change_seq')"), nullable=False),
 )
 sa.Index("ix_products_ingested_at", products.c.ingested_at)
+sa.Index("ix_products_change_seq", products.c.change_seq, unique=True)
 
 model_versions = sa.Table(
     "model_versions",
@@ -47,18 +56,19 @@ model_versions = sa.Table(
     sa.Column("artifact_uri", sa.Text, nullable=False),
     sa.Column("metrics", JSONB, nullable=False, server_default=sa.text("'{}'::jsonb")),  # evaluation report
     sa.Column("article_type_accuracy", sa.Float),  # fused test accuracy of the primary head
-    sa.Column("status", sa.Text, nullable=False, server_default="registered"),  # registered|production|rejected|retired
+    # registered -> rejected | promoted (gate passed, backfilling) -> serving (covers the catalog) -> retired
+    sa.Column("status", sa.Text, nullable=False, server_default="registered"),
     sa.Column("gate_reason", sa.Text),
     sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False),
     sa.Column("promoted_at", sa.DateTime(timezone=True)),
+    sa.Column("serving_since", sa.DateTime(timezone=True)),
+    sa.Column("tagged_seq", sa.BigInteger, nullable=False, server_default="0"),  # every change_seq <= it is done
+    sa.Column("planned_seq", sa.BigInteger, nullable=False, server_default="0"),  # ranges planned up to here
 )
-# At most one production model, enforced by the database.
-sa.Index(
-    "uq_model_versions_one_production",
-    model_versions.c.status,
-    unique=True,
-    postgresql_where=model_versions.c.status == "production",
-)
+# At most one serving and one promoted (backfilling) model, enforced by the database.
+for _status in ("serving", "promoted"):
+    sa.Index(f"uq_model_versions_one_{_status}", model_versions.c.status, unique=True,
+             postgresql_where=model_versions.c.status == _status)
 
 tagging_runs = sa.Table(
     "tagging_runs",
@@ -77,11 +87,14 @@ tagging_runs = sa.Table(
     sa.Column("details", JSONB, nullable=False, server_default=sa.text("'{}'::jsonb")),
 )
 
+# No foreign keys on the partitioned tables: per-row FK triggers would cost a bulk backfill a
+# third of its speed; rows only ever come from tag_batch, which reads them from ``products``,
+# and a version's rows live and die with its partition.
 tags = sa.Table(
     "tags",
     metadata,
-    sa.Column("product_id", sa.BigInteger, sa.ForeignKey("products.product_id"), primary_key=True),
-    sa.Column("model_version", sa.Text, sa.ForeignKey("model_versions.version"), primary_key=True),
+    sa.Column("product_id", sa.BigInteger, primary_key=True),
+    sa.Column("model_version", sa.Text, primary_key=True),
     sa.Column("article_type", sa.Text, nullable=False),
     sa.Column("article_type_confidence", sa.Float, nullable=False),
     # {"articleType": {"label": "Tshirts", "confidence": 0.98, "top_k": [["Tshirts", 0.98], ...]}, ...}
@@ -90,27 +103,59 @@ tags = sa.Table(
     sa.Column("has_text", sa.Boolean, nullable=False),
     sa.Column("run_id", sa.Text),
     sa.Column("tagged_at", sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False),
+    postgresql_partition_by="LIST (model_version)",
 )
-sa.Index("ix_tags_model_article_type", tags.c.model_version, tags.c.article_type)
-sa.Index("ix_tags_model_confidence", tags.c.model_version, tags.c.article_type_confidence)
 
+# The backbone's 1280-d image embedding is not stored: nothing read it, and it was 5 KB of the
+# 8 KB a product cost per version. The fused 256-d embedding serves similar-product search.
 embeddings = sa.Table(
     "embeddings",
     metadata,
-    sa.Column("product_id", sa.BigInteger, sa.ForeignKey("products.product_id"), primary_key=True),
-    sa.Column("model_version", sa.Text, sa.ForeignKey("model_versions.version"), primary_key=True),
-    sa.Column("image_embedding", Vector(IMAGE_EMBEDDING_DIM)),  # NULL when the product has no image
+    sa.Column("product_id", sa.BigInteger, primary_key=True),
+    sa.Column("model_version", sa.Text, primary_key=True),
     sa.Column("product_embedding", Vector(PRODUCT_EMBEDDING_DIM), nullable=False),  # L2-normalised fused
     sa.Column("run_id", sa.Text),
     sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False),
+    postgresql_partition_by="LIST (model_version)",
 )
-sa.Index(
-    "ix_embeddings_product_embedding_hnsw",
-    embeddings.c.product_embedding,
-    postgresql_using="hnsw",
-    postgresql_with={"m": 16, "ef_construction": 64},
-    postgresql_ops={"product_embedding": "vector_cosine_ops"},
+
+# Products per (version, predicted articleType, confidence bin), kept up to date by every tag
+# write in the same transaction: the dashboard reads these few rows instead of scanning tags.
+tag_stats = sa.Table(
+    "tag_stats",
+    metadata,
+    sa.Column("model_version", sa.Text, primary_key=True),
+    sa.Column("article_type", sa.Text, primary_key=True),
+    sa.Column("confidence_bin", sa.SmallInteger, primary_key=True),  # 1..CONFIDENCE_BINS
+    sa.Column("products", sa.BigInteger, nullable=False, server_default="0"),
 )
+
+# The work table: one row per planned range of products.change_seq for one version. The DAG's
+# mapped tasks carry only batch ids; a task resumes a range from ``done_seq`` after a crash, and
+# the next run re-issues ranges left planned or failed before planning new ones.
+tagging_batches = sa.Table(
+    "tagging_batches",
+    metadata,
+    sa.Column("batch_id", sa.BigInteger, sa.Identity(), primary_key=True),
+    sa.Column("model_version", sa.Text, nullable=False),
+    sa.Column("seq_from", sa.BigInteger, nullable=False),  # exclusive
+    sa.Column("seq_to", sa.BigInteger, nullable=False),  # inclusive
+    sa.Column("done_seq", sa.BigInteger, nullable=False),
+    sa.Column("products", sa.Integer, nullable=False),
+    sa.Column("status", sa.Text, nullable=False, server_default="planned"),  # planned|done|failed
+    sa.Column("run_id", sa.Text, nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("tagged", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("text_only", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("errors", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("seconds", sa.Float, nullable=False, server_default="0"),
+    sa.Column("error", sa.Text),
+    sa.Column("updated_at", sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False),
+    sa.UniqueConstraint("model_version", "seq_from", name="uq_tagging_batches_range"),
+)
+sa.Index("ix_tagging_batches_open", tagging_batches.c.model_version, tagging_batches.c.seq_from,
+         postgresql_where=tagging_batches.c.status != "done")
+sa.Index("ix_tagging_batches_run", tagging_batches.c.run_id)
 
 product_errors = sa.Table(
     "product_errors",

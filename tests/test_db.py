@@ -334,3 +334,24 @@ def test_fast_row_encoding_sends_the_bytes_of_the_generic_copy(monkeypatch):
     repository._copy_encoded(conn, "tags", repository.TAG_COLUMNS, tag_body)
     repository._copy_encoded(conn, "embeddings", repository.EMBEDDING_COLUMNS, embedding_body)
     assert sent["tags"] == sent["generic_tags"] and sent["embeddings"] == sent["generic_embeddings"]
+
+
+def test_a_version_promoted_again_plans_its_whole_backfill_again(tagged_db):
+    def plan(version, run_id):
+        target = repository.newest_change_seq(tagged_db)
+        with tagged_db.begin() as conn:
+            return repository.plan_tagging_batches(conn, version, run_id, target_seq=target, max_batches=4,
+                                                   products_per_batch=15)
+
+    first = plan(VERSION, "run-1")
+    assert [b["products"] for b in first] == [15, 15, 10]  # 40 products, ranges of change_seq
+    for batch in first:
+        repository.finish_batch(tagged_db, batch["batch_id"])
+    assert repository.advance_tagged_seq(tagged_db, VERSION) == repository.newest_change_seq(tagged_db)
+    assert plan(VERSION, "run-2") == []  # nothing new
+    repository.activate_model(tagged_db, VERSION, build_indexes=False)
+    repository.register_model(tagged_db, "v-other", "efficientnet-lite0", 224, False, "file:///tmp/x", {}, 0.95)
+    repository.promote_model(tagged_db, "v-other")
+    repository.activate_model(tagged_db, "v-other", build_indexes=False)
+    repository.promote_model(tagged_db, VERSION)  # a rollback to the retired version
+    assert sum(b["products"] for b in plan(VERSION, "run-3")) == 40

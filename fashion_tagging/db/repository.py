@@ -426,11 +426,12 @@ def ensure_version_partitions(conn: sa.Connection, model_version: str) -> None:
 
 @accepts_engine
 def build_version_indexes(conn: sa.Connection, model_version: str, *,
-                          maintenance_work_mem: str | None = "1GB") -> dict:
+                          maintenance_work_mem: str | None = "1GB", vector_index: bool = True) -> dict:
     """Build the review (confidence) and HNSW vector indexes of a version's partitions, once loaded.
 
     pgvector builds an HNSW index far faster over loaded rows than row by row; the build's
-    memory is raised for this transaction only. Returns seconds per index.
+    memory is raised for this transaction only. ``vector_index=False`` builds the review index
+    only (benchmarks that cannot afford the HNSW build). Returns seconds per index.
     """
     import time
 
@@ -444,6 +445,8 @@ def build_version_indexes(conn: sa.Connection, model_version: str, *,
                            f"(article_type_confidence, product_id)"),
             ("hnsw", f"CREATE INDEX IF NOT EXISTS {embeddings_table}_hnsw ON {embeddings_table} "
                      f"USING hnsw (product_embedding vector_cosine_ops) WITH (m = 16, ef_construction = 64)")):
+        if name == "hnsw" and not vector_index:
+            continue
         tick = time.perf_counter()
         conn.exec_driver_sql(statement)
         timings[f"{name}_index_seconds"] = round(time.perf_counter() - tick, 2)
@@ -711,6 +714,8 @@ def promote_model(conn: sa.Connection, version: str) -> None:
         drop_version_partitions(conn, old)
     conn.execute(mv.update().where(mv.c.version == version)
                  .values(status="promoted", promoted_at=sa.func.now(), gate_reason=None, tagged_seq=0, planned_seq=0))
+    # A version promoted again (a rollback to a retired one) re-plans from the start: its old ranges go.
+    conn.execute(sa.delete(schema.tagging_batches).where(schema.tagging_batches.c.model_version == version))
     ensure_version_partitions(conn, version)
 
 

@@ -80,7 +80,7 @@ def test_tag_batch_records_bad_inputs_and_is_safe_to_repeat(catalog):
 def test_batch_killed_while_writing_is_retried_cleanly(catalog, monkeypatch):
     engine, ids = catalog["engine"], catalog["ids"][:8]
     run = dict(settings=catalog["settings"], engine=engine, store=catalog["store"], run_id="nightly-2")
-    real_copy = repository.copy_rows
+    real_copy = repository._copy_encoded  # new rows: COPYed straight into the version's partitions
     calls = []
 
     def die_on_embeddings(conn, table, *args):
@@ -89,7 +89,7 @@ def test_batch_killed_while_writing_is_retried_cleanly(catalog, monkeypatch):
             raise ConnectionError("worker lost mid-transaction")
         return real_copy(conn, table, *args)
 
-    monkeypatch.setattr(repository, "copy_rows", die_on_embeddings)
+    monkeypatch.setattr(repository, "_copy_encoded", die_on_embeddings)
     with pytest.raises(ConnectionError):
         tag_batch(ids, **run)
     result = tag_batch(ids, **run)

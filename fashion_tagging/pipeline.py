@@ -84,7 +84,7 @@ def discover_tagging_work(settings: Settings, run_id: str | None = None) -> dict
     run_id = run_id or f"manual__{_now_iso()}"
     started_at = _now_iso()
     ingested = ingest_new_manifests(settings, run_id)
-    per_run = max_tasks(settings) * max(settings.tagging_task_max_products, settings.tagging_batch_size)
+    per_run = max_tasks(settings) * task_max_products(settings)
     with catalog_engine(settings).begin() as conn:
         target_seq = repository.newest_change_seq(conn)
         products_total = repository.count_products(conn)
@@ -105,6 +105,11 @@ def max_tasks(settings: Settings) -> int:
     return max(1, min(int(settings.tagging_max_tasks), AIRFLOW_MAX_MAP_LENGTH - 1))
 
 
+def task_max_products(settings: Settings) -> int:
+    """Products one mapped task may take on (never fewer than one transaction's worth)."""
+    return max(int(settings.tagging_task_max_products), int(settings.tagging_batch_size), 1)
+
+
 def plan_tagging_run(settings: Settings, discovered: dict) -> list[dict]:
     """Batch descriptors for this run: at most ``tagging_max_tasks`` of them, whatever the backlog.
 
@@ -120,8 +125,7 @@ def plan_tagging_run(settings: Settings, discovered: dict) -> list[dict]:
     with catalog_engine(settings).begin() as conn:
         for version in discovered["versions"]:
             room = cap - len(descriptors)
-            size = min(max(math.ceil(version["backlog"] / max(room, 1)), chunk),
-                       max(int(settings.tagging_task_max_products), chunk))
+            size = min(max(math.ceil(version["backlog"] / max(room, 1)), chunk), task_max_products(settings))
             for batch in repository.plan_tagging_batches(conn, version["version"], discovered["run_id"],
                                                          target_seq=discovered["target_seq"], max_batches=room,
                                                          products_per_batch=size):

@@ -124,14 +124,12 @@ def tag_work_batch(batch_id: int, *, settings: Settings, run_id: str, engine: sa
                 rows = repository.products_in_range(conn, done_seq, batch["seq_to"], chunk_size)
             if not rows:
                 break
-            tick, before = time.perf_counter(), dataclasses.replace(result)
-            last_seq = rows[-1].change_seq
+            tick, last_seq = time.perf_counter(), rows[-1].change_seq
             result.requested += len(rows)
             _tag_rows(rows, [row.product_id for row in rows], settings=settings, engine=engine, store=store,
                       tagger=tagger, result=result,
-                      in_transaction=lambda conn, b=before, t=tick, s=last_seq: repository.advance_batch(
-                          conn, batch_id, s, tagged=result.tagged - b.tagged, text_only=result.text_only - b.text_only,
-                          errors=result.errors - b.errors, seconds=time.perf_counter() - t))
+                      in_transaction=lambda conn, counts, s=last_seq, t=tick: repository.advance_batch(
+                          conn, batch_id, s, **counts, seconds=time.perf_counter() - t))
             done_seq = last_seq
         repository.finish_batch(engine, batch_id)
     except BaseException as error:
@@ -155,6 +153,8 @@ def _tag_rows(rows, product_ids: list[int], *, settings: Settings, engine: sa.En
 
     Products whose photo could not be fetched (transient, after retries) get a new change_seq
     first, in their own transaction, so a later range tags them again: they are never lost.
+    ``in_transaction(conn, counts)`` runs inside the chunk's transaction with the chunk's
+    ``tagged`` / ``text_only`` / ``errors`` counts.
     """
     inputs = _gather_inputs(rows, product_ids, store, tagger.image_size, result)
     if inputs.retry_ids:
@@ -166,16 +166,18 @@ def _tag_rows(rows, product_ids: list[int], *, settings: Settings, engine: sa.En
     result.infer_seconds += time.perf_counter() - tick
 
     tick = time.perf_counter()
-    result.tagged += len(inputs.product_ids)
-    result.text_only += sum(image is None for image in inputs.images)
-    result.errors += len(inputs.errors)
+    counts = {"tagged": len(inputs.product_ids), "text_only": sum(image is None for image in inputs.images),
+              "errors": len(inputs.errors)}
     with engine.begin() as conn:  # one transaction: all of the chunk or none of it
         if predictions is not None:
             repository.write_tags_and_embeddings(conn, result.model_version, result.run_id, inputs.product_ids,
                                                  predictions)
         repository.record_errors(conn, result.run_id, inputs.errors)
         if in_transaction is not None:
-            in_transaction(conn)
+            in_transaction(conn, counts)
+    result.tagged += counts["tagged"]
+    result.text_only += counts["text_only"]
+    result.errors += counts["errors"]
     result.write_seconds += time.perf_counter() - tick
 
 

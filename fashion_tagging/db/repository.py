@@ -98,14 +98,15 @@ def _encode_field(value, kind: str) -> bytes:
 def copy_rows(conn: sa.Connection, table: str, columns: Sequence[str], kinds: Sequence[str],
               rows: Iterable[Sequence]) -> None:
     """COPY rows into ``table`` with the binary protocol, inside the connection's transaction."""
-    buffer = io.BytesIO()
-    buffer.write(_COPY_HEADER)
     field_count = struct.pack(">h", len(columns))
-    for row in rows:
-        buffer.write(field_count)
-        buffer.write(b"".join(_encode_field(value, kind) for value, kind in zip(row, kinds, strict=True)))
-    buffer.write(struct.pack(">h", -1))
-    buffer.seek(0)
+    body = b"".join(field_count + b"".join(_encode_field(value, kind) for value, kind in zip(row, kinds, strict=True))
+                    for row in rows)
+    _copy_encoded(conn, table, columns, body)
+
+
+def _copy_encoded(conn: sa.Connection, table: str, columns: Sequence[str], body: bytes) -> None:
+    """COPY an already-encoded binary body (rows, without header and trailer) into ``table``."""
+    buffer = io.BytesIO(_COPY_HEADER + body + struct.pack(">h", -1))
     cursor = conn.connection.cursor()
     try:
         cursor.copy_expert(f"COPY {table} ({', '.join(columns)}) FROM STDIN WITH (FORMAT binary)", buffer)
@@ -114,18 +115,22 @@ def copy_rows(conn: sa.Connection, table: str, columns: Sequence[str], kinds: Se
 
 
 def _upsert_via_temp(conn: sa.Connection, table: sa.Table, columns: Sequence[str], kinds: Sequence[str],
-                     rows: Iterable[Sequence], *, conflict: Sequence[str], touch: str | None,
+                     rows: Iterable[Sequence] | bytes, *, conflict: Sequence[str], touch: str | None,
                      only_if_changed: bool = False, extra_updates: Sequence[str] = (),
                      before_upsert=None) -> int:
     """COPY into a temp clone of ``table`` then upsert from it; returns rows inserted or changed.
 
+    ``rows`` are encoded by ``kinds``, or are ``bytes``: a body already encoded for ``columns``.
     ``before_upsert(staging_table_name)`` runs between the COPY and the upsert (tag statistics
     read the rows about to be replaced there).
     """
     staging = f"staging_{table.name}"
     conn.exec_driver_sql(f"DROP TABLE IF EXISTS pg_temp.{staging}")
     conn.exec_driver_sql(f"CREATE TEMP TABLE {staging} (LIKE {table.name} INCLUDING DEFAULTS) ON COMMIT DROP")
-    copy_rows(conn, staging, columns, kinds, rows)
+    if isinstance(rows, bytes):
+        _copy_encoded(conn, staging, columns, rows)
+    else:
+        copy_rows(conn, staging, columns, kinds, rows)
     if before_upsert is not None:
         before_upsert(staging)
     updates = [f"{c} = EXCLUDED.{c}" for c in columns if c not in conflict]
@@ -273,22 +278,21 @@ def write_tags_and_embeddings(conn: sa.Connection, model_version: str, run_id: s
         return 0
     ensure_version_partitions(conn, model_version)
     ids = [int(i) for i in product_ids]
+    tag_body, embedding_body = _encoded_rows(model_version, run_id, ids, predictions)
     already = conn.execute(sa.text("SELECT 1 FROM tags WHERE model_version = :v AND product_id = ANY(:ids) LIMIT 1"),
                            {"v": model_version, "ids": ids}).first()
     if already is None:
-        tag_body, embedding_body = _encoded_rows(model_version, run_id, ids, predictions)
         _copy_encoded(conn, "tags", TAG_COLUMNS, tag_body)
         _copy_encoded(conn, "embeddings", EMBEDDING_COLUMNS, embedding_body)
         _add_stats(conn, model_version, predictions)
         return len(ids)
-    tag_rows, embedding_rows = _tag_and_embedding_rows(model_version, run_id, ids, predictions)
-    _upsert_via_temp(conn, schema.tags, TAG_COLUMNS, _TAG_TYPES, tag_rows,
+    _upsert_via_temp(conn, schema.tags, TAG_COLUMNS, _TAG_TYPES, tag_body,
                      conflict=("product_id", "model_version"), touch="tagged_at",
                      before_upsert=lambda staging: _stats_delta_before(conn, staging, model_version))
     _apply_stats_delta(conn, model_version)
-    _upsert_via_temp(conn, schema.embeddings, EMBEDDING_COLUMNS, _EMBEDDING_TYPES, embedding_rows,
+    _upsert_via_temp(conn, schema.embeddings, EMBEDDING_COLUMNS, _EMBEDDING_TYPES, embedding_body,
                      conflict=("product_id", "model_version"), touch="created_at")
-    return len(tag_rows)
+    return len(ids)
 
 
 def _text_field(value: str) -> bytes:
@@ -300,7 +304,8 @@ def _encoded_rows(model_version: str, run_id: str, product_ids: Sequence[int], p
     """Binary COPY bodies of the tag and embedding rows, built without per-field dispatch.
 
     The same bytes :func:`copy_rows` would send for :func:`_tag_and_embedding_rows`' rows (the
-    heads JSON is assembled from pre-escaped labels; numbers as ``json`` writes them).
+    heads JSON is assembled from pre-escaped labels; numbers as ``json`` writes them). Both write
+    paths send these bodies: straight into the partition, or into the upsert's temp table.
     """
     if PRIMARY_HEAD not in predictions.labels:
         raise ValueError(f"predictions lack the primary head {PRIMARY_HEAD!r}")
@@ -333,15 +338,6 @@ def _encoded_rows(model_version: str, run_id: str, product_ids: Sequence[int], p
                       run_field]
         embedding_parts += [embedding_count, id_field, version_field, vector_header, vectors[i].tobytes(), run_field]
     return b"".join(tag_parts), b"".join(embedding_parts)
-
-
-def _copy_encoded(conn: sa.Connection, table: str, columns: Sequence[str], body: bytes) -> None:
-    buffer = io.BytesIO(_COPY_HEADER + body + struct.pack(">h", -1))
-    cursor = conn.connection.cursor()
-    try:
-        cursor.copy_expert(f"COPY {table} ({', '.join(columns)}) FROM STDIN WITH (FORMAT binary)", buffer)
-    finally:
-        cursor.close()
 
 
 def _add_stats(conn: sa.Connection, model_version: str, predictions) -> None:
@@ -387,9 +383,8 @@ def _stats_delta_before(conn: sa.Connection, staging: str, model_version: str) -
     conn.exec_driver_sql("DROP TABLE IF EXISTS pg_temp.staging_tag_stats")
     conn.exec_driver_sql(
         f"CREATE TEMP TABLE staging_tag_stats ON COMMIT DROP AS "
-        f"SELECT t.article_type, {_CONFIDENCE_BIN_SQL.replace('article_type_confidence', 't.article_type_confidence')}"
-        f" AS confidence_bin, -count(*) AS products FROM tags t "
-        f"WHERE t.model_version = %(version)s AND t.product_id IN (SELECT product_id FROM {staging}) GROUP BY 1, 2 "
+        f"SELECT article_type, {_CONFIDENCE_BIN_SQL} AS confidence_bin, -count(*) AS products FROM tags "
+        f"WHERE model_version = %(version)s AND product_id IN (SELECT product_id FROM {staging}) GROUP BY 1, 2 "
         f"UNION ALL SELECT article_type, {_CONFIDENCE_BIN_SQL}, count(*) FROM {staging} GROUP BY 1, 2",
         {"version": model_version})
 

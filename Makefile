@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install system-deps demo test benchmarks clean
+.PHONY: install system-deps demo test clean
 
 $(BIN)/fashion-tagging: pyproject.toml uv.lock
 	@command -v uv >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet uv
@@ -16,7 +16,7 @@ $(BIN)/fashion-tagging: pyproject.toml uv.lock
 
 install: $(BIN)/fashion-tagging
 
-system-deps:  ## headless Chromium for the UI browser test (Debian packages)
+system-deps:  ## headless Chromium for the UI browser test: apt-installs it when root, else says what to install
 	@bash scripts/ensure-system-deps.sh
 
 demo: install
@@ -25,8 +25,6 @@ demo: install
 test: install system-deps
 	$(BIN)/pytest
 
-benchmarks: install
-	$(BIN)/python benchmarks/run_all.py
-
-clean:
+clean:  ## stops the embedded PostgreSQL first: its data directory is deleted with the rest
+	@if [ -x $(BIN)/fashion-tagging ]; then $(BIN)/fashion-tagging db stop; fi
 	rm -rf .fashion-tagging .pytest_cache

@@ -266,14 +266,14 @@ def arrivals_manifest(settings, engine, count: int) -> dict:
     import pandas as pd
     import sqlalchemy as sa
 
-    from fashion_tagging import pipeline
+    from fashion_tagging.objectstore import open_configured_store
 
     with engine.connect() as conn:
         rows = conn.execute(sa.text(
             "SELECT product_id AS id, title AS \"productDisplayName\", description, brand AS \"brandName\", image_key "
             "FROM seed_products WHERE image_key IS NOT NULL ORDER BY product_id LIMIT :n"), {"n": count}).mappings().all()
     frame = pd.DataFrame(rows)
-    store = pipeline.object_store(settings)
+    store = open_configured_store(settings)
     for key in frame["image_key"]:
         store.put(key, (settings.data_dir / key).read_bytes())
     frame["id"] = frame["id"] + 900 * ID_STRIDE

@@ -38,6 +38,7 @@ def main() -> None:
     from fashion_tagging import pipeline
     from fashion_tagging.db.engine import stop_embedded_postgres
     from fashion_tagging.ingest import import_kaggle_catalog
+    from fashion_tagging.objectstore import open_configured_store
     from fashion_tagging.settings import get_settings
 
     with tempfile.TemporaryDirectory(prefix="ft-quiet-night-") as home:
@@ -46,7 +47,7 @@ def main() -> None:
                                 baseline_accuracy=0.0, tagging_batch_size=1000)
         os.environ["FT_HOME"] = home
         try:
-            import_kaggle_catalog(settings.data_dir, pipeline.object_store(settings), limit=args.products)
+            import_kaggle_catalog(settings.data_dir, open_configured_store(settings), limit=args.products)
             setup = [pipeline.run_dag_locally("retrain_tagger", TINY_MODEL, settings=settings),
                      pipeline.run_dag_locally("catalog_tagging", settings=settings)]
             for run in setup:

@@ -38,6 +38,7 @@ def main() -> None:
     from fashion_tagging.db.engine import stop_embedded_postgres
     from fashion_tagging.features import CACHE_SUBDIR
     from fashion_tagging.ingest import import_kaggle_catalog
+    from fashion_tagging.objectstore import open_configured_store
     from fashion_tagging.settings import get_settings
 
     with tempfile.TemporaryDirectory(prefix="ft-retrain-gate-") as home:
@@ -46,7 +47,7 @@ def main() -> None:
         if args.embedding_cache and args.embedding_cache.is_dir():
             shutil.copytree(args.embedding_cache, settings.cache_dir / CACHE_SUBDIR)
         try:
-            imported = import_kaggle_catalog(settings.data_dir, pipeline.object_store(settings), limit=args.limit)
+            imported = import_kaggle_catalog(settings.data_dir, open_configured_store(settings), limit=args.limit)
             conf = {"epochs": args.epochs or settings.epochs, "backbone": settings.backbone,
                     "image_size": settings.image_size, "fine_tune": "none"}
             run = pipeline.run_dag_locally("retrain_tagger", conf, settings=settings, timeout_s=3 * 3600)

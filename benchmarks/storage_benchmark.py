@@ -7,9 +7,8 @@
      HNSW and confidence indexes exist and every write maintains them): nightly new arrivals;
    * ``hnsw_index`` false: a *promoted* version's partition, primary keys only: its backfill
      (the indexes are built once at activation; see the build time in part 2).
-   The COPY -> temp table -> upsert path (``write_tags_and_embeddings``, which also keeps the
-   version's ``tag_stats`` in the same transaction) against the SQLAlchemy executemany upsert
-   (``write_tags_and_embeddings_plain``, which does not), same run, same server.
+   The write path is ``write_tags_and_embeddings`` (COPY, then an upsert through a temp table
+   for rows already there; it also keeps the version's ``tag_stats`` in the same transaction).
 2. Similar-product query latency (p50/p95 of ``repository.similar_products``) on the real
    44,441-product catalog (ids, titles, article types from styles.csv) with SYNTHETIC embeddings
    clustered by article type (no trained model needed): the version is promoted, its partition
@@ -72,7 +71,7 @@ def prepare_catalog(engine: sa.Engine, products: pd.DataFrame) -> None:
         repository.promote_model(conn, VERSION)
 
 
-def write_throughput(server_url: str, label: str, writer, rows: int, batch: int, *, with_index: bool) -> dict:
+def write_throughput(server_url: str, label: str, rows: int, batch: int, *, with_index: bool) -> dict:
     """Rows/s writing ``rows`` tag+embedding rows in ``batch``-sized transactions.
 
     ``with_index``: into the serving version's indexed partition (activated before the writes),
@@ -92,14 +91,13 @@ def write_throughput(server_url: str, label: str, writer, rows: int, batch: int,
     started = time.perf_counter()
     for batch_ids, batch_predictions in batches:
         with engine.begin() as conn:
-            writer(conn, VERSION, "bench", batch_ids, batch_predictions)
+            repository.write_tags_and_embeddings(conn, VERSION, "bench", batch_ids, batch_predictions)
     seconds = time.perf_counter() - started
     with engine.connect() as conn:
         written = conn.execute(sa.select(sa.func.count()).select_from(schema.embeddings)).scalar_one()
     assert written == rows, f"{label}: wrote {written} of {rows} rows"
     return {"path": label, "rows": rows, "batch": batch, "hnsw_index": with_index,
             "partition": "serving (HNSW + confidence indexes)" if with_index else "promoted, backfilling (primary key only)",
-            "tag_stats": writer is repository.write_tags_and_embeddings,
             "seconds": round(seconds, 2), "rows_per_second": round(rows / seconds, 1)}
 
 
@@ -202,14 +200,8 @@ def main() -> None:
         server_url = embedded_postgres_url(pgdata, durable=True)
         try:
             writes = [
-                write_throughput(server_url, "copy_upsert", repository.write_tags_and_embeddings,
-                                 args.rows, args.batch, with_index=True),
-                write_throughput(server_url, "orm_executemany_upsert", repository.write_tags_and_embeddings_plain,
-                                 args.rows, args.batch, with_index=True),
-                write_throughput(server_url, "copy_upsert_no_hnsw", repository.write_tags_and_embeddings,
-                                 args.rows, args.batch, with_index=False),
-                write_throughput(server_url, "orm_executemany_no_hnsw", repository.write_tags_and_embeddings_plain,
-                                 args.rows, args.batch, with_index=False),
+                write_throughput(server_url, "copy_upsert", args.rows, args.batch, with_index=True),
+                write_throughput(server_url, "copy_upsert_no_hnsw", args.rows, args.batch, with_index=False),
             ]
             similar = query_latency(server_url, get_settings().data_dir, args.queries, args.catalog)
         finally:
@@ -220,10 +212,6 @@ def main() -> None:
     for row in writes:
         print(f"{row['path']:<26} {'serving' if row['hnsw_index'] else 'promoted':<10} "
               f"{'yes' if row['hnsw_index'] else 'no':>5} {row['seconds']:>9.2f} {row['rows_per_second']:>9.1f}")
-    speedup = writes[0]["rows_per_second"] / writes[1]["rows_per_second"]
-    speedup_no_index = writes[2]["rows_per_second"] / writes[3]["rows_per_second"]
-    print(f"COPY path (+ tag_stats) vs executemany: {speedup:.2f}x into the serving partition (HNSW index), "
-          f"{speedup_no_index:.2f}x into a backfilling one (no index)")
     print(f"\nSimilar products, k={K}, {similar['products']} products ({similar['embeddings']} embeddings)")
     print(f"{'method':<14} {'p50 ms':>8} {'p95 ms':>8}")
     print(f"{'HNSW':<14} {similar['hnsw_p50_ms']:>8.2f} {similar['hnsw_p95_ms']:>8.2f}")
@@ -236,8 +224,7 @@ def main() -> None:
     result = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                           "load_average_1min_before_after": [round(load_before[0], 2), round(load_after[0], 2)]},
               "postgres": "embedded PostgreSQL 18 + pgvector 0.8 (durable settings)",
-              "writes": writes, "copy_vs_executemany_speedup": round(speedup, 2),
-              "copy_vs_executemany_speedup_no_hnsw": round(speedup_no_index, 2), "similar_products": similar}
+              "writes": writes, "similar_products": similar}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {args.out}")

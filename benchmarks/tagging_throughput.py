@@ -86,7 +86,8 @@ def measure(args, settings) -> int:
     from fashion_tagging.db import repository
     from fashion_tagging.images import decode_image
     from fashion_tagging.ingest import import_catalog
-    from fashion_tagging.pipeline import catalog_engine, object_store
+    from fashion_tagging.objectstore import open_configured_store
+    from fashion_tagging.pipeline import catalog_engine
     from fashion_tagging.tagging import tag_work_batch
 
     artifact = Path(args.artifact) if args.artifact else find_artifact(get_settings())
@@ -102,7 +103,7 @@ def measure(args, settings) -> int:
         rows = repository.fetch_products(conn, ids)
 
     # Raw model: what the model alone sustains on these products (decoding done beforehand, untimed).
-    store = object_store(settings)
+    store = open_configured_store(settings)
     sample = rows[: min(len(rows), 2000)]
     blobs = store.get_many([r.image_key for r in sample if r.image_key])
     images = [decode_image(blobs[r.image_key], tagger.image_size)

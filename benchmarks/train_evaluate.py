@@ -67,7 +67,7 @@ def main() -> int:
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=1))
-    print(f"| figure | value |\n| --- | --- |")
+    print("| figure | value |\n| --- | --- |")
     print(f"| wall time train+evaluate ({'cold' if args.cold else 'warm'} embedding cache) | {wall / 60:.1f} min |")
     print(f"| of which image embedding / fit (backbone top) / evaluate | {config['timings']['embedding_seconds']:.0f} s / "
           f"{config['timings']['fit_seconds']:.0f} s ({config['timings'].get('backbone_top_seconds', 0):.0f} s) / "

@@ -4,7 +4,8 @@ Directory: ``model.keras`` (head model), ``config.json``, ``vocabulary.json``, `
 ``metrics.json`` + ``report.md`` + ``confusion_articleType.png`` once evaluated,
 ``text_expert.keras`` (and ``image_expert.keras`` after "top" fine-tuning) for hybrid fusion, and
 ``backbone.weights.h5`` only when the backbone was fine-tuned (otherwise the backbone is
-rebuilt from its pretrained weights by name).
+rebuilt from its pretrained weights by name). Training writes it with :func:`save_artifact`,
+the tagger reads it with :meth:`Tagger.load`: the format has this one owner.
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
+import shutil
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,7 +23,8 @@ import keras
 import numpy as np
 
 from fashion_tagging.images import to_model_size
-from fashion_tagging.model import blend_primary, blend_weights, load_encoders
+from fashion_tagging.model import LabelMap, TextEncoder, blend_primary, blend_weights, model_inputs
+from fashion_tagging.objectstore import local_path, open_uri
 from fashion_tagging.settings import IMAGE_EMBEDDING_DIM, PRIMARY_HEAD, Settings
 from fashion_tagging.text_expert import predict_text_expert
 
@@ -27,6 +32,7 @@ log = logging.getLogger(__name__)
 FINE_TUNED_BACKBONE_FILE = "backbone.weights.h5"
 IMAGE_EXPERT_FILE = "image_expert.keras"  # image-only classifiers from "top" fine-tuning
 TEXT_EXPERT_FILE = "text_expert.keras"  # TF-IDF linear articleType classifier (text_expert.py)
+COMPLETE_MARKER = ".download-complete"  # in a downloaded copy: the download finished
 
 
 @dataclasses.dataclass
@@ -43,6 +49,33 @@ class TagPredictions:
 
     def __len__(self) -> int:
         return len(self.has_image)
+
+
+def save_artifact(artifact_dir: Path, *, model: keras.Model, text: TextEncoder, label_maps: dict[str, LabelMap],
+                  config: dict, history: dict, backbone: keras.Model | None = None,
+                  image_expert: keras.Model | None = None, text_expert: keras.Model | None = None) -> None:
+    """Write a trained model as a new artifact directory; ``config.json`` goes last, so a directory
+    with one is complete. ``backbone`` only when it was fine-tuned."""
+    artifact_dir.mkdir(parents=True, exist_ok=False)
+    model.save(artifact_dir / "model.keras")
+    if backbone is not None:
+        backbone.save_weights(artifact_dir / FINE_TUNED_BACKBONE_FILE)
+    if image_expert is not None:
+        image_expert.save(artifact_dir / IMAGE_EXPERT_FILE)
+    if text_expert is not None:
+        text_expert.save(artifact_dir / TEXT_EXPERT_FILE)
+    (artifact_dir / "vocabulary.json").write_text(json.dumps(text.vocabulary))
+    (artifact_dir / "labels.json").write_text(json.dumps({head: m.labels for head, m in label_maps.items()}, indent=1))
+    (artifact_dir / "config.json").write_text(json.dumps(config, indent=1))
+    (artifact_dir / "history.json").write_text(json.dumps(history, indent=1))
+
+
+def _load_encoders(directory: Path, sequence_length: int, max_tokens: int) -> tuple[TextEncoder, dict[str, LabelMap]]:
+    vocabulary = json.loads((directory / "vocabulary.json").read_text())
+    # TextVectorization adds "" and "[UNK]" itself when given a vocabulary.
+    vocabulary = [t for t in vocabulary if t not in ("", "[UNK]")]
+    labels = json.loads((directory / "labels.json").read_text())
+    return TextEncoder(vocabulary, sequence_length, max_tokens), {h: LabelMap(v) for h, v in labels.items()}
 
 
 def read_config(artifact_dir: Path) -> dict:
@@ -64,6 +97,28 @@ def find_artifact(settings: Settings, version: str | None = None) -> Path:
     if not versions:
         raise FileNotFoundError(f"no trained model under {root}: run `fashion-tagging train` first")
     return versions[-1]
+
+
+def local_artifact_dir(settings: Settings, version: str, artifact_uri: str) -> Path:
+    """A local directory holding a registered artifact: itself when local, else a copy downloaded once
+    into the cache (atomically: concurrent workers never load half a copy)."""
+    path = local_path(artifact_uri)
+    if path is not None:
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model {version!r}: no artifact at {artifact_uri}")
+        return path
+    target = settings.cache_dir / "models" / version
+    if (target / COMPLETE_MARKER).is_file():
+        return target
+    store, key = open_uri(artifact_uri, endpoint_url=settings.s3_endpoint_url)
+    staging = target.with_name(f".{version}-{uuid.uuid4().hex[:8]}")
+    store.download_dir(key, staging)
+    (staging / COMPLETE_MARKER).touch()
+    try:
+        os.replace(staging, target)  # another process may have won the race: theirs is as good
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
 
 
 class Tagger:
@@ -93,13 +148,9 @@ class Tagger:
     def load(cls, artifact_dir: str | Path) -> "Tagger":
         artifact_dir = Path(artifact_dir)
         config = read_config(artifact_dir)
-        text, label_maps = load_encoders(artifact_dir, config["max_text_tokens"], config["vocabulary_size"])
+        text, label_maps = _load_encoders(artifact_dir, config["max_text_tokens"], config["vocabulary_size"])
         model = keras.saving.load_model(artifact_dir / "model.keras", compile=False)
         return cls(artifact_dir, model, config, text, label_maps)
-
-    @classmethod
-    def load_version(cls, settings: Settings, version: str | None = None) -> "Tagger":
-        return cls.load(find_artifact(settings, version))
 
     @property
     def version(self) -> str:
@@ -166,12 +217,7 @@ class Tagger:
         texts = [t if isinstance(t, str) else "" for t in texts]
         has_text = np.array([bool(t.strip()) for t in texts], dtype=bool)
         embeddings = embeddings * has_image[:, None]
-        inputs = {
-            "image_embedding": embeddings.astype(np.float32),
-            "has_image": has_image.astype(np.float32).reshape(-1, 1),
-            "tokens": self.text.encode(texts),
-            "has_text": has_text.astype(np.float32).reshape(-1, 1),
-        }
+        inputs = model_inputs(embeddings, has_image, self.text.encode(texts), has_text)
         outputs = self.model.predict(inputs, batch_size=batch_size, verbose=0) if len(texts) else None
         if outputs is not None and self.config.get("primary_blend"):
             outputs = dict(outputs)

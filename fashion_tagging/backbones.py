@@ -170,11 +170,20 @@ def _read_storage_bytes(f, storage: _StorageRef, where: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def _keras_efficientnet_builder():
+    """Keras' generic EfficientNet builder and B0's block table: the only use of private ``keras.src``.
+
+    Public Keras has only the fixed B0..B7 (squeeze-excitation, swish); Lite0 needs the builder's
+    ``activation`` and ``blocks_args``. tests/test_backbones.py pins that it still builds the public B0.
+    """
+    from keras.src.applications import efficientnet
+
+    return efficientnet.EfficientNet, efficientnet.DEFAULT_BLOCKS_ARGS
+
+
 def _lite0_blocks_args() -> list[dict]:
     """EfficientNet-B0 blocks without squeeze-excitation (Lite drops SE for edge devices)."""
-    from keras.src.applications.efficientnet import DEFAULT_BLOCKS_ARGS
-
-    blocks = copy.deepcopy(DEFAULT_BLOCKS_ARGS)
+    blocks = copy.deepcopy(_keras_efficientnet_builder()[1])
     for args in blocks:
         args["se_ratio"] = 0.0
     return blocks
@@ -182,9 +191,8 @@ def _lite0_blocks_args() -> list[dict]:
 
 def _build_lite0_classifier(image_size: int):
     """Lite0 = B0 widths/depths (stem 32, head 1280), relu6, no SE, inception preprocessing."""
-    from keras.src.applications.efficientnet import EfficientNet
-
-    model = EfficientNet(
+    efficientnet, _ = _keras_efficientnet_builder()
+    model = efficientnet(
         width_coefficient=1.0,
         depth_coefficient=1.0,
         default_size=224,

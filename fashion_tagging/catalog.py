@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import html
 import re
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TextIO
 
 import pandas as pd
 
+from fashion_tagging.errors import RowError
 from fashion_tagging.settings import HEADS
 
 STYLE_COLUMNS = (
@@ -29,16 +33,6 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")
 _TAG_RE = re.compile(r"<[^>]+>")
 _BREAK_RE = re.compile(r"<\s*(br|/p|/li|/div|/h\d)\s*/?\s*>", re.IGNORECASE)
 _SPACE_RE = re.compile(r"\s+")
-
-
-@dataclasses.dataclass(frozen=True)
-class RowError:
-    """One rejected input row (or product) and why; stored in ``product_errors``."""
-
-    reason: str
-    product_id: int | None = None
-    source: str = ""
-    stage: str = "manifest"
 
 
 @dataclasses.dataclass
@@ -63,6 +57,33 @@ def product_text(title: str | None, description: str | None) -> str:
     """Model text: the title first (most informative, never truncated away), then the description."""
     parts = [p.strip() for p in (title or "", description or "") if isinstance(p, str) and p.strip()]
     return " . ".join(parts)
+
+
+SPLIT_SHARES = (("train", 0.8), ("val", 0.1), ("test", 0.1))
+
+
+def stable_splits(ids, labelled=None) -> list[str | None]:
+    """train/val/test (80/10/10) for a catalog without ``split.csv``, from a hash of each product id.
+
+    A product keeps its split however the catalog grows or is re-read, so test products never
+    leak into a later training run. Products without a label (``labelled`` False) get none.
+    """
+    labelled = [True] * len(ids) if labelled is None else list(labelled)
+    splits: list[str | None] = []
+    for product_id, has_label in zip(ids, labelled, strict=True):
+        if not has_label:
+            splits.append(None)
+            continue
+        draw = int.from_bytes(hashlib.blake2b(str(int(product_id)).encode(), digest_size=8).digest(), "big") / 2**64
+        cumulative = 0.0
+        for name, share in SPLIT_SHARES:
+            cumulative += share
+            if draw < cumulative:
+                splits.append(name)
+                break
+        else:
+            splits.append(SPLIT_SHARES[-1][0])
+    return splits
 
 
 def with_clean_labels(frame: pd.DataFrame, heads=HEADS) -> pd.DataFrame:
@@ -113,20 +134,35 @@ def validate_rows(frame: pd.DataFrame, source: str, *, row_offset: int = 2) -> t
     return valid.reset_index(drop=True), errors
 
 
-def _read_csv_rows(path: Path) -> tuple[pd.DataFrame, list[RowError]]:
-    """Read a CSV as strings; lines with the wrong number of fields become errors, not crashes."""
-    errors: list[RowError] = []
-    rows: list[list[str]] = []
-    with path.open(newline="", encoding="utf-8", errors="replace") as handle:
-        reader = csv.reader(handle)
-        header = next(reader)
-        for line_number, row in enumerate(reader, start=2):
-            if len(row) != len(header):
-                errors.append(RowError(
-                    f"expected {len(header)} fields, found {len(row)}", None, f"{path.name}#row{line_number}"))
-                continue
+def parse_csv_rows(handle: TextIO, source: str, chunk_rows: int | None = None,
+                   ) -> Iterator[tuple[pd.DataFrame, list[int], list[RowError]]]:
+    """A CSV as string frames of ``chunk_rows`` rows (None: the whole file), each row with its line number.
+
+    A line with the wrong number of fields becomes a :class:`RowError` (``<source>#row<n>``, the
+    header being row 1), not a crash. Always yields at least once, so an empty file still shows its columns.
+    """
+    reader = csv.reader(handle)
+    header = next(reader, None)
+    if not header:
+        raise ValueError("empty CSV (no header)")
+    rows, numbers, errors = [], [], []
+    for row_number, row in enumerate(reader, start=2):
+        if len(row) != len(header):
+            errors.append(RowError(f"expected {len(header)} fields, found {len(row)}", None, f"{source}#row{row_number}"))
+        else:
             rows.append(row)
-    return pd.DataFrame(rows, columns=header, dtype=object), errors
+            numbers.append(row_number)
+        if chunk_rows and len(rows) + len(errors) >= chunk_rows:
+            yield pd.DataFrame(rows, columns=header, dtype=object), numbers, errors
+            rows, numbers, errors = [], [], []
+    yield pd.DataFrame(rows, columns=header, dtype=object), numbers, errors
+
+
+def _read_csv_rows(path: Path) -> tuple[pd.DataFrame, list[RowError]]:
+    """A whole CSV file as strings, plus its malformed lines as errors."""
+    with path.open(newline="", encoding="utf-8", errors="replace") as handle:
+        frame, _, errors = next(parse_csv_rows(handle, path.name))
+    return frame, errors
 
 
 def find_image(images_dir: Path, product_id) -> str | None:
@@ -171,7 +207,8 @@ def load_kaggle_catalog(data_dir: str | Path) -> CatalogLoad:
         split = pd.read_csv(split_path, dtype={"id": "int64", "split": str})
         products = products.merge(split.drop_duplicates("id"), on="id", how="left")
     else:
-        products["split"] = None
+        labels = products["articleType"] if "articleType" in products.columns else [""] * len(products)
+        products["split"] = stable_splits(products["id"], [isinstance(v, str) and bool(v.strip()) for v in labels])
 
     products["image_path"] = [find_image(data_dir / "images", pid) for pid in products["id"]]
     products["year"] = pd.to_numeric(products["year"], errors="coerce").astype("Int64")

@@ -18,7 +18,7 @@ from pathlib import Path
 # TensorFlow's C++ start-up chatter hides the command's own output.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from fashion_tagging.settings import PRIMARY_HEAD, Settings, get_settings  # noqa: E402
+from fashion_tagging.settings import PRIMARY_HEAD, Settings, SettingsError, get_settings  # noqa: E402
 
 
 class UserError(Exception):
@@ -31,7 +31,12 @@ def _settings(args) -> Settings:
         value = getattr(args, field, None)
         if value is not None:
             overrides[field] = Path(value) if field in ("data_dir", "home") else value
-    return get_settings(**overrides)
+    try:
+        return get_settings(**overrides)
+    except SettingsError as error:  # name the command-line option, not the settings field
+        lines = [line.split("=", 1) for line in str(error).splitlines()]
+        raise SettingsError("\n".join(f"--{name.replace('_', '-')} {rest}" if name in overrides else f"{name}={rest}"
+                                      for name, rest in lines)) from None
 
 
 def cmd_train(args) -> int:
@@ -57,12 +62,37 @@ def cmd_train(args) -> int:
     return 0
 
 
+def model_artifact(settings: Settings, version: str | None = None) -> tuple[str, Path]:
+    """The model a command runs and its local directory: the registry's by default.
+
+    No ``version``: the serving model (what the catalog's readers see), else the promoted one
+    still tagging the catalog. A ``version`` is looked up in the registry, then among the local
+    artifacts that ``train`` wrote without registering them.
+    """
+    from fashion_tagging.artifacts import find_artifact, local_artifact_dir
+    from fashion_tagging.db import repository
+    from fashion_tagging.pipeline import catalog_engine
+
+    with catalog_engine(settings).connect() as conn:
+        if version is None:
+            row = repository.serving_model(conn) or repository.production_model(conn)
+            if row is None:
+                raise UserError("no production model in the registry yet: run the retrain DAG (`make demo` does), "
+                                "or pass --version with a local model listed by `fashion-tagging models`")
+        else:
+            try:
+                row = repository.get_model(conn, version)
+            except repository.NotFound:
+                return version, find_artifact(settings, version)
+    return row["version"], local_artifact_dir(settings, row["version"], row["artifact_uri"])
+
+
 def cmd_evaluate(args) -> int:
-    from fashion_tagging.artifacts import find_artifact
     from fashion_tagging.evaluate import evaluate
 
     settings = _settings(args)
-    artifact_dir = find_artifact(settings, args.version)
+    version, artifact_dir = model_artifact(settings, args.version)
+    print(f"evaluating model {version} on {args.split}", flush=True)
     evaluate(artifact_dir, settings, split=args.split)
     print((artifact_dir / "report.md").read_text())
     print(f"report: {artifact_dir / 'metrics.json'}")
@@ -74,7 +104,9 @@ def cmd_predict(args) -> int:
     from fashion_tagging.images import decode_image
 
     settings = _settings(args)
-    tagger = Tagger.load_version(settings, args.version)
+    version, artifact_dir = model_artifact(settings, args.version)
+    print(f"model {version}", file=sys.stderr)
+    tagger = Tagger.load(artifact_dir)
     images = [decode_image(Path(p).read_bytes(), tagger.image_size) if p else None for p in args.image or [None]]
     texts = args.text or [""] * len(images)
     if len(texts) != len(images):
@@ -113,14 +145,6 @@ def cmd_import_catalog(args) -> int:
     return 0
 
 
-def cmd_db_migrate(args) -> int:
-    from fashion_tagging.db.engine import migrate_database
-
-    engine = migrate_database(_settings(args))
-    print(f"catalog database at head: {engine.url.render_as_string(hide_password=True)}")
-    return 0
-
-
 def cmd_similar(args) -> int:
     from fashion_tagging.db.engine import get_engine
     from fashion_tagging.db.repository import NotFound, similar_products
@@ -143,20 +167,31 @@ def demo_slices(data_dir: Path, reference: int, arrivals: int, seed: int) -> tup
     """A stratified reference slice (all three splits) and a disjoint batch of "new arrivals"."""
     import pandas as pd
 
-    split = pd.read_csv(data_dir / "split.csv").sample(frac=1.0, random_state=seed)
-    shuffled = split["id"].astype(int).tolist()
+    listing = data_dir / "split.csv" if (data_dir / "split.csv").is_file() else data_dir / "styles.csv"
+    ids = pd.to_numeric(pd.read_csv(listing, usecols=["id"], dtype=str, on_bad_lines="skip")["id"], errors="coerce")
+    shuffled = ids.dropna().astype(int).drop_duplicates().sample(frac=1.0, random_state=seed).tolist()
     return sorted(shuffled[:reference]), sorted(shuffled[reference:reference + arrivals])
 
 
 def _run_dag(dag_id: str, conf: dict, settings: Settings) -> dict:
+    """Run a DAG with dag.test(), showing its tasks and progress live; on failure, the failed task's log."""
     from fashion_tagging.pipeline import run_dag_locally
+    from fashion_tagging.progress import DagRunFollower, task_log_lines
 
     print(f"\n== running DAG {dag_id} (dag.test) ...", flush=True)
-    result = run_dag_locally(dag_id, conf, settings=settings)
+    result = run_dag_locally(dag_id, conf, settings=settings,
+                             on_line=DagRunFollower(lambda line: print(line, flush=True)))
     if result.get("state") != "success":
-        print(result.get("log_tail", ""), file=sys.stderr)
-        raise UserError(f"DAG {dag_id} ended {result.get('state')}; task states: {result.get('tasks')}")
-    print(f"   {dag_id}: success in {result['seconds']:.0f} s")
+        failed = [task for task, state in result.get("tasks", {}).items()
+                  if state == "failed" or (isinstance(state, list) and "failed" in state)]
+        for task in failed:
+            print(f"\n-- last lines of task {task}:", file=sys.stderr)
+            print("\n".join(task_log_lines(result["log_path"], task)), file=sys.stderr)
+        if not failed:
+            print(result.get("log_tail", ""), file=sys.stderr)
+        raise UserError(f"DAG {dag_id} ended {result.get('state')}; task states: {result.get('tasks')}; "
+                        f"whole log: {result['log_path']}")
+    print(f"   {dag_id}: success in {result['seconds']:.0f} s (whole log: {result['log_path']})")
     return result
 
 
@@ -228,13 +263,88 @@ def cmd_demo(args) -> int:
 
 
 def cmd_models(args) -> int:
+    """The registry (status, gate, accuracy), then local artifacts ``train`` wrote without registering."""
+    from fashion_tagging.dashboard import model_registry, read_only
+    from fashion_tagging.pipeline import catalog_engine
+
     settings = _settings(args)
+    with read_only(catalog_engine(settings)) as conn:
+        registry = model_registry(conn)
+    print(f"{'version':<42} {'status':<10} {PRIMARY_HEAD + ' test':>16}  gate")
+    for entry in reversed(registry):
+        accuracy = entry["accuracy"].get(PRIMARY_HEAD)
+        print(f"{entry['version']:<42} {entry['status']:<10} {_fmt(accuracy):>16}  {entry['gate_reason'] or ''}")
+    registered = {entry["version"] for entry in registry}
     root = settings.artifacts_dir
-    for path in sorted(root.glob("*/config.json")) if root.is_dir() else []:
+    for path in sorted(root.glob("*/config.json"), reverse=True) if root.is_dir() else []:
+        if path.parent.name in registered:
+            continue
         metrics_path = path.parent / "metrics.json"
         accuracy = json.loads(metrics_path.read_text()).get("test", {}).get("article_type_accuracy") \
             if metrics_path.is_file() else None
-        print(f"{path.parent.name}\t{PRIMARY_HEAD} test accuracy: {accuracy}")
+        print(f"{path.parent.name:<42} {'local':<10} {_fmt(accuracy):>16}  not in the registry (--version picks it)")
+    return 0
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def cmd_status(args) -> int:
+    """Where the catalog database and object store are, which model serves, and the last runs."""
+    from fashion_tagging.dashboard import backfill_progress, catalog_counts, model_registry, read_only, recent_runs
+    from fashion_tagging.objectstore import open_configured_store
+    from fashion_tagging.pipeline import catalog_engine
+
+    settings = _settings(args)
+    engine = catalog_engine(settings)
+    embedded = "" if settings.database_url else f" (embedded, data in {settings.pgdata_dir})"
+    print(f"catalog database: {engine.url.render_as_string(hide_password=True)}{embedded}")
+    store_url = settings.resolved_object_store_url
+    try:
+        manifests = len(open_configured_store(settings).list_keys(settings.catalog_prefix))
+        print(f"object store:     {store_url} ({manifests} catalog manifest(s) under {settings.catalog_prefix})")
+    except Exception as error:  # noqa: BLE001 - status reports what is wrong instead of failing
+        print(f"object store:     {store_url} UNREACHABLE: {type(error).__name__}: {error}")
+    with read_only(engine) as conn:
+        by_status = {}
+        for entry in model_registry(conn):
+            by_status[entry["status"]] = entry
+        serving, backfill = by_status.get("serving"), backfill_progress(conn)
+        counts = catalog_counts(conn, serving["version"] if serving else None)
+        runs = recent_runs(conn, limit=args.runs)
+    if serving:
+        print(f"serving model:    {serving['version']} ({PRIMARY_HEAD} test accuracy "
+              f"{_fmt(serving['accuracy'].get(PRIMARY_HEAD))}); {counts['tagged']:,} of {counts['products']:,} "
+              "products tagged")
+    else:
+        print(f"serving model:    none yet ({counts['products']:,} products in the catalog)")
+    if backfill:
+        print(f"promoted model:   {backfill['version']} tagging the catalog: {int(backfill['tagged']):,} "
+              f"of {counts['products']:,} products so far")
+    print("last tagging runs:" if runs else "last tagging runs: none")
+    for run in reversed(runs):
+        rate = f", {run['products_per_second']:.1f}/s" if run["products_per_second"] else ""
+        print(f"  {run['started_at']:%Y-%m-%d %H:%M} {run['status']:<8} {run['products_tagged']:>9,} tagged, "
+              f"{run['errors']:,} errors{rate}  model {run['model_version']}  ({run['run_id']})")
+    return 0
+
+
+def cmd_db(args) -> int:
+    from fashion_tagging.db.engine import migrate_database, running_port, stop_embedded_postgres
+
+    settings = _settings(args)
+    if args.action == "migrate":
+        engine = migrate_database(settings)
+        print(f"catalog database at head: {engine.url.render_as_string(hide_password=True)}")
+    elif settings.database_url:
+        raise UserError("FT_DATABASE_URL points at an external database: the embedded one is not used, "
+                        "nothing to stop")
+    elif running_port(settings.pgdata_dir) is None:
+        print(f"embedded PostgreSQL is not running ({settings.pgdata_dir})")
+    else:
+        stop_embedded_postgres(settings.pgdata_dir)
+        print(f"embedded PostgreSQL stopped ({settings.pgdata_dir})")
     return 0
 
 
@@ -260,14 +370,14 @@ def build_parser() -> argparse.ArgumentParser:
                           "activations (fits a CPU), 'full' its top 30%% end to end on pixels (a GPU job)")
     sub.add_argument("--no-evaluate", action="store_true")
 
-    sub = add("evaluate", cmd_evaluate, "evaluate a model version (default: newest) and write its report")
-    sub.add_argument("--version")
+    sub = add("evaluate", cmd_evaluate, "evaluate a model (default: the registry's serving model) and write its report")
     sub.add_argument("--split", default="test", choices=["test", "val"])
+    sub.add_argument("--version", help="registered or local model version (default: the serving one)")
 
     sub = add("predict", cmd_predict, "tag products from image files and/or texts")
     sub.add_argument("--image", action="append", help="image file (repeatable)")
     sub.add_argument("--text", action="append", help="title + description (repeatable, same order as --image)")
-    sub.add_argument("--version")
+    sub.add_argument("--version", help="model version (default: the registry's serving model)")
 
     sub = add("embed", cmd_embed, "precompute the frozen-backbone image embeddings of the whole catalog (cached)")
     sub.add_argument("--backbone", choices=["efficientnet-lite0", "efficientnet-b0"])
@@ -286,14 +396,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--format", default="parquet", choices=["parquet", "csv", "jsonl"])
     sub.add_argument("--no-db", action="store_true", help="only write the store, do not load the database")
 
-    sub = add("db-migrate", cmd_db_migrate, "create or upgrade the catalog database schema (Alembic)")
+    sub = add("db", cmd_db, "the catalog database: `migrate` (Alembic, to head) or `stop` (the embedded PostgreSQL, "
+                            "which otherwise keeps running for the next command)")
+    sub.add_argument("action", choices=["migrate", "stop"])
 
     sub = add("similar", cmd_similar, "the k most similar products to a product (pgvector HNSW search)")
     sub.add_argument("product_id", type=int)
     sub.add_argument("-k", type=int, default=10)
     sub.add_argument("--version", help="model version (default: the serving one)")
 
-    add("models", cmd_models, "list trained model versions and their test accuracy")
+    add("models", cmd_models, "the model registry (status, gate, test accuracy) and unregistered local models")
+    sub = add("status", cmd_status, "the catalog database, the object store, the serving model and the last runs")
+    sub.add_argument("--runs", type=int, default=5, help="how many recent tagging runs to show")
     return parser
 
 
@@ -304,9 +418,11 @@ def main(argv: list[str] | None = None) -> int:
     for chatty in ("embedded_postgres", "alembic"):  # their INFO lines bury the command's own output
         logging.getLogger(chatty).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     try:
+        _settings(args)  # every command: a bad setting is one clear line before any heavy import
         return args.func(args)
     except (UserError, FileNotFoundError, ValueError) as error:
-        print(f"fashion-tagging {args.command}: error: {error}", file=sys.stderr)
+        for line in str(error).splitlines() or [""]:  # a SettingsError has one line per bad variable
+            print(f"fashion-tagging {args.command}: error: {line}", file=sys.stderr)
         return 2
 
 

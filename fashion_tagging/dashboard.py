@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from pathlib import Path
-from urllib.parse import unquote, urlparse
 
 import sqlalchemy as sa
 
 from fashion_tagging.db import repository
-from fashion_tagging.objectstore import ObjectNotFound, open_uri
+from fashion_tagging.objectstore import ObjectNotFound, local_path, open_uri
 from fashion_tagging.settings import HEADS, PRIMARY_HEAD, Settings
 
 EVALUATION_MODES = ("fused", "image_only", "text_only")
@@ -125,13 +123,14 @@ def read_artifact_file(settings: Settings, version: str, uri: str | None, name: 
         return local.read_bytes()
     if not uri:
         return None
-    if uri.startswith("s3://"):
+    directory = local_path(uri)
+    if directory is None:  # in S3: this one file, not the whole artifact
         store, prefix = open_uri(uri, endpoint_url=settings.s3_endpoint_url)
         try:
             return store.get(f"{prefix}/{name}")
         except ObjectNotFound:
             return None
-    path = (Path(unquote(urlparse(uri).path)) if uri.startswith("file://") else Path(uri)) / name
+    path = directory / name
     return path.read_bytes() if path.is_file() else None
 
 

@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from fashion_tagging.catalog import RowError
+from fashion_tagging.errors import RowError
 from fashion_tagging.images import file_image_dataset
+from fashion_tagging.progress import ProgressLogger
 from fashion_tagging.settings import IMAGE_EMBEDDING_DIM
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,8 @@ def embed_image_files(paths: list[str], backbone, image_size: int, batch_size: i
     if not paths:
         return vectors, top_inputs, ok
     dataset = file_image_dataset(paths, image_size, batch_size)
+    # A terminal gets tqdm's bar; a task log (no ``progress``) a line every 30 s with rate and ETA.
+    task_log = None if progress else ProgressLogger(len(paths), "img", log, every_s=30, label="image embeddings")
     with tqdm(total=len(paths), unit="img", desc="image embeddings", disable=not progress) as bar:
         for indices, images in dataset:
             batch = model.predict_on_batch(images)
@@ -85,6 +88,10 @@ def embed_image_files(paths: list[str], backbone, image_size: int, batch_size: i
             vectors[idx] = np.asarray(batch, dtype=np.float32)
             ok[idx] = True
             bar.update(len(idx))
+            if task_log is not None:
+                task_log.update(len(idx))
+    if task_log is not None:
+        task_log.finish()
     return vectors, top_inputs, ok
 
 

@@ -9,7 +9,6 @@ the others); :func:`read_manifests` gives the same rows as one frame.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import datetime
 import hashlib
@@ -24,8 +23,9 @@ import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 
-from fashion_tagging.catalog import STYLE_COLUMNS, RowError, clean_html, load_kaggle_catalog, validate_rows
-from fashion_tagging.objectstore import ObjectStore
+from fashion_tagging.catalog import STYLE_COLUMNS, clean_html, load_kaggle_catalog, parse_csv_rows, validate_rows
+from fashion_tagging.errors import RowError, describe_error
+from fashion_tagging.objectstore import ObjectStore, open_configured_store
 from fashion_tagging.settings import Settings, get_settings
 
 MANIFEST_FORMATS = {"parquet": ".parquet", "csv": ".csv", "jsonl": ".jsonl"}
@@ -103,12 +103,10 @@ def import_catalog(settings: Settings | None = None, data_dir: str | Path | None
     """CLI ``import-catalog``: Kaggle folder -> the configured store, then (by default) into the database."""
     from fashion_tagging.db.engine import migrate_database
     from fashion_tagging.db.repository import record_errors
-    from fashion_tagging.objectstore import open_store
 
     settings = settings or get_settings()
     run_id = run_id or f"import-{datetime.datetime.now(datetime.UTC):%Y%m%dT%H%M%S}"
-    store = open_store(settings.resolved_object_store_url, endpoint_url=settings.s3_endpoint_url,
-                       max_concurrency=settings.s3_max_concurrency)
+    store = open_configured_store(settings)
     summary = import_kaggle_catalog(data_dir or settings.data_dir, store, limit=limit, ids=ids,
                                     manifest_format=manifest_format, batch_name=batch_name, settings=settings)
     report = {"run_id": run_id, "store": store.url, **dataclasses.asdict(summary), "errors": len(summary.errors)}
@@ -385,22 +383,7 @@ def _parse_parquet(handle: BinaryIO, chunk_rows: int) -> Iterator[tuple[pd.DataF
 
 
 def _parse_csv(handle: BinaryIO, key: str, chunk_rows: int) -> Iterator[tuple[pd.DataFrame, list[int], list[RowError]]]:
-    text = io.TextIOWrapper(handle, encoding="utf-8", errors="replace", newline="")
-    reader = csv.reader(text)
-    header = next(reader, None)
-    if not header:
-        raise ValueError("empty CSV (no header)")
-    rows, numbers, errors = [], [], []
-    for row_number, row in enumerate(reader, start=2):  # like catalog.py: the header is row 1
-        if len(row) != len(header):
-            errors.append(RowError(f"expected {len(header)} fields, found {len(row)}", None, f"{key}#row{row_number}"))
-        else:
-            rows.append(row)
-            numbers.append(row_number)
-        if len(rows) + len(errors) >= chunk_rows:
-            yield pd.DataFrame(rows, columns=header, dtype=object), numbers, errors
-            rows, numbers, errors = [], [], []
-    yield pd.DataFrame(rows, columns=header, dtype=object), numbers, errors
+    yield from parse_csv_rows(io.TextIOWrapper(handle, encoding="utf-8", errors="replace", newline=""), key, chunk_rows)
 
 
 def _parse_json_lines(handle: BinaryIO, key: str,
@@ -463,9 +446,3 @@ def _default_batch_name(ids: Iterable[int]) -> str:
     ids = sorted(int(i) for i in ids)
     digest = hashlib.sha1(",".join(map(str, ids)).encode()).hexdigest()[:12]
     return f"kaggle-{len(ids)}-{digest}"
-
-
-def describe_error(error: Exception) -> str:
-    """First line of an exception, bounded: enough for an error row, never a traceback."""
-    text = str(error).strip().splitlines()
-    return (text[0] if text else type(error).__name__)[:300]

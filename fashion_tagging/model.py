@@ -9,8 +9,6 @@ output doubles as the product embedding for similar-product search, then one sof
 from __future__ import annotations
 
 import itertools
-import json
-from pathlib import Path
 
 import keras
 import numpy as np
@@ -149,6 +147,21 @@ def build_head_model(label_sizes: dict[str, int], *, vocabulary_size: int) -> ke
     )
 
 
+def model_inputs(embeddings: np.ndarray | None, has_image: np.ndarray, tokens: np.ndarray,
+                 has_text: np.ndarray) -> dict:
+    """The head model's input dict, built here only so training and tagging feed it alike.
+
+    ``embeddings`` None leaves ``image_embedding`` out (end-to-end fine-tuning feeds pixels instead).
+    """
+    inputs = {} if embeddings is None else {"image_embedding": embeddings.astype(np.float32)}
+    inputs.update({
+        "has_image": has_image.astype(np.float32).reshape(-1, 1),
+        "tokens": tokens.astype(np.int64),
+        "has_text": has_text.astype(np.float32).reshape(-1, 1),
+    })
+    return inputs
+
+
 MODES = ("fused", "image_only", "text_only")
 
 
@@ -250,19 +263,6 @@ def compile_head_model(model: keras.Model, heads, learning_rate) -> None:
         loss_weights={head: HEAD_LOSS_WEIGHTS.get(head, 0.3) for head in heads},
         metrics={head: [keras.metrics.SparseCategoricalAccuracy(name="acc")] for head in heads},
     )
-
-
-def save_encoders(directory: Path, text: TextEncoder, labels: dict[str, LabelMap]) -> None:
-    (directory / "vocabulary.json").write_text(json.dumps(text.vocabulary))
-    (directory / "labels.json").write_text(json.dumps({head: m.labels for head, m in labels.items()}, indent=1))
-
-
-def load_encoders(directory: Path, sequence_length: int, max_tokens: int) -> tuple[TextEncoder, dict[str, LabelMap]]:
-    vocabulary = json.loads((directory / "vocabulary.json").read_text())
-    # TextVectorization adds "" and "[UNK]" itself when given a vocabulary.
-    vocabulary = [t for t in vocabulary if t not in ("", "[UNK]")]
-    labels = json.loads((directory / "labels.json").read_text())
-    return TextEncoder(vocabulary, sequence_length, max_tokens), {h: LabelMap(v) for h, v in labels.items()}
 
 
 __all__ = ["HEADS", "LabelMap", "TextEncoder", "build_head_model", "compile_head_model"]

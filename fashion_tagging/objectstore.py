@@ -16,8 +16,11 @@ import threading
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 from urllib.parse import unquote, urlparse
+
+if TYPE_CHECKING:
+    from fashion_tagging.settings import Settings
 
 DEFAULT_MAX_CONCURRENCY = 16
 # "adaptive" = standard retries (throttling, 5xx, connection errors) + client-side rate limiting,
@@ -392,16 +395,33 @@ def open_store(url: str, *, endpoint_url: str | None = None, max_concurrency: in
     raise ValueError(f"unsupported object store URL {url!r}: use file:///dir or s3://bucket/prefix")
 
 
+def open_configured_store(settings: Settings) -> ObjectStore:
+    """The store ``settings`` names (catalog manifests, photos, snapshots, model artifacts)."""
+    return open_store(settings.resolved_object_store_url, endpoint_url=settings.s3_endpoint_url,
+                      max_concurrency=settings.s3_max_concurrency)
+
+
+def local_path(uri: str) -> Path | None:
+    """The local file or directory of a ``file://`` URI or plain path; None for an ``s3://`` URI.
+
+    The one place an absolute object URI (e.g. a registry ``artifact_uri``) becomes a local path.
+    """
+    parsed = urlparse(uri)
+    if parsed.scheme == "s3":
+        return None
+    return Path(unquote(parsed.path) if parsed.scheme == "file" else uri)
+
+
 def open_uri(uri: str, *, endpoint_url: str | None = None) -> tuple[ObjectStore, str]:
     """A store and key for an absolute object URI (e.g. a registry ``artifact_uri``).
 
     ``s3://bucket/models/v1`` -> (store of the bucket, ``models/v1``);
     ``file:///home/x/models/v1`` -> (store of ``/home/x/models``, ``v1``).
     """
-    parsed = urlparse(uri)
-    if parsed.scheme == "s3":
+    path = local_path(uri)
+    if path is None:
+        parsed = urlparse(uri)
         return open_store(f"s3://{parsed.netloc}", endpoint_url=endpoint_url), parsed.path.strip("/")
-    path = Path(unquote(parsed.path) if parsed.scheme == "file" else uri)
     return LocalStore(path.parent), path.name
 
 
@@ -446,4 +466,5 @@ def _is_s3_missing(error: Exception) -> bool:
     return code in _S3_MISSING_CODES or status == 404
 
 
-__all__: Sequence[str] = ("ObjectNotFound", "ObjectStore", "LocalStore", "S3Store", "open_store", "open_uri")
+__all__: Sequence[str] = ("ObjectNotFound", "ObjectStore", "LocalStore", "S3Store", "open_store", "open_configured_store",
+                          "local_path", "open_uri")

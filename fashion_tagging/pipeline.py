@@ -8,7 +8,6 @@ Module-level imports stay light because the DAG files import the asset names fro
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import json
 import logging
@@ -17,10 +16,11 @@ import os
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
-from fashion_tagging.settings import PRIMARY_HEAD, PROJECT_ROOT, Settings, get_settings
+from fashion_tagging.settings import PRIMARY_HEAD, PROJECT_ROOT, Settings, env_name, get_settings
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +45,6 @@ def catalog_engine(settings: Settings):
     return migrate_database(settings)
 
 
-def object_store(settings: Settings):
-    """The configured object store (catalog manifests, photos, snapshots, model artifacts)."""
-    from fashion_tagging.objectstore import open_store
-
-    return open_store(settings.resolved_object_store_url, endpoint_url=settings.s3_endpoint_url,
-                      max_concurrency=settings.s3_max_concurrency)
-
-
 def _now_iso() -> str:
     return dt.datetime.now(dt.UTC).isoformat()
 
@@ -66,9 +58,11 @@ def ingest_new_manifests(settings: Settings, run_id: str) -> dict:
     Bad rows are recorded under ``run_id``.
     """
     from fashion_tagging.ingest import load_catalog_into_db
+    from fashion_tagging.objectstore import open_configured_store
 
     with catalog_engine(settings).begin() as conn:
-        sync = load_catalog_into_db(conn, object_store(settings), prefix=settings.catalog_prefix, run_id=run_id)
+        sync = load_catalog_into_db(conn, open_configured_store(settings), prefix=settings.catalog_prefix,
+                                    run_id=run_id)
     return {"manifests": sync.manifest_keys, "products_read": sync.products_read,
             "products_written": sync.products_written, "row_errors": len(sync.errors)}
 
@@ -209,6 +203,7 @@ def snapshot_training_data(settings: Settings) -> dict:
 
     from fashion_tagging.db.repository import PRODUCT_COLUMN_MAP
     from fashion_tagging.db.schema import products
+    from fashion_tagging.objectstore import open_configured_store
 
     snapshot_id = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
     ingested = ingest_new_manifests(settings, f"snapshot-{snapshot_id}")
@@ -222,7 +217,7 @@ def snapshot_training_data(settings: Settings) -> dict:
     key = f"{SNAPSHOTS_PREFIX}{snapshot_id}.parquet"
     buffer = io.BytesIO()
     frame.to_parquet(buffer, index=False)
-    object_store(settings).put(key, buffer.getvalue())
+    open_configured_store(settings).put(key, buffer.getvalue())
     splits = {str(k): int(v) for k, v in frame["split"].value_counts().items()}
     log.info("snapshot %s: %d labelled products %s", key, len(frame), splits)
     return {"snapshot_key": key, "products": len(frame), "splits": splits, "ingested": ingested}
@@ -240,8 +235,9 @@ def load_snapshot(settings: Settings, snapshot: dict, splits: tuple[str, ...], *
     import pandas as pd
 
     from fashion_tagging.catalog import clean_html, product_text, with_clean_labels
+    from fashion_tagging.objectstore import open_configured_store
 
-    frame = pd.read_parquet(io.BytesIO(object_store(settings).get(snapshot["snapshot_key"])))
+    frame = pd.read_parquet(io.BytesIO(open_configured_store(settings).get(snapshot["snapshot_key"])))
     frame = with_clean_labels(frame[frame["split"].isin(splits)].reset_index(drop=True))
     frame["description"] = frame["description"].map(clean_html)
     frame["text"] = [product_text(t, d) for t, d in zip(frame["productDisplayName"], frame["description"], strict=True)]
@@ -257,6 +253,7 @@ def materialize_images(settings: Settings, frame, *, backbone: str, image_size: 
     ``need_top_inputs``: a cache without the last block's activations does not count (it is rebuilt).
     """
     from fashion_tagging.features import cached_product_ids
+    from fashion_tagging.objectstore import open_configured_store
 
     cached_ids: set[int] = set() if need_all_images else cached_product_ids(
         settings.cache_dir, backbone, image_size, with_top_inputs=need_top_inputs)
@@ -272,7 +269,7 @@ def materialize_images(settings: Settings, frame, *, backbone: str, image_size: 
             to_fetch[key] = path
     if to_fetch:
         log.info("downloading %d product images (%d embeddings cached)", len(to_fetch), len(cached_ids))
-        for key, data in object_store(settings).get_many(to_fetch).items():
+        for key, data in open_configured_store(settings).get_many(to_fetch).items():
             if isinstance(data, Exception):
                 log.warning("image %s unavailable: %s", key, data)  # embedding step records it per product
                 continue
@@ -284,11 +281,12 @@ def materialize_images(settings: Settings, frame, *, backbone: str, image_size: 
 def candidate_settings(settings: Settings, params: dict) -> Settings:
     """Settings with the run's params (backbone, image size, epochs) applied."""
     overrides = {name: params[name] for name in ("backbone", "image_size", "epochs") if params.get(name) is not None}
-    return dataclasses.replace(settings, **overrides)
+    return settings.replace(**overrides)
 
 
 def train_model(settings: Settings, params: dict, snapshot: dict) -> dict:
     """Train a candidate on the snapshot's train/val splits; its artifact goes to the object store."""
+    from fashion_tagging.artifacts import read_config
     from fashion_tagging.train import fine_tune_mode, train
 
     settings = candidate_settings(settings, params)
@@ -298,7 +296,7 @@ def train_model(settings: Settings, params: dict, snapshot: dict) -> dict:
                           need_top_inputs=mode == "top")
     result = train(settings, products=frame, epochs=settings.epochs, progress=False, fine_tune=mode)
     artifact_uri = publish_artifact(settings, result.artifact_dir)
-    config = json.loads((Path(result.artifact_dir) / "config.json").read_text())
+    config = read_config(result.artifact_dir)
     return {"version": result.version, "artifact_uri": artifact_uri, "backbone": config["backbone"],
             "image_size": int(config["image_size"]), "fine_tuned": bool(config.get("fine_tuned", False)),
             "epochs_run": config.get("epochs_run"), "timings": result.timings,
@@ -309,7 +307,7 @@ def evaluate_model(settings: Settings, trained: dict, snapshot: dict, *, split: 
     """Evaluate the candidate on the snapshot's fixed test split; the full report joins the artifact."""
     from fashion_tagging.evaluate import evaluate
 
-    artifact_dir = fetch_artifact(settings, trained["version"], trained["artifact_uri"])
+    artifact_dir = fetch_artifact(settings, trained["version"])
     frame = load_snapshot(settings, snapshot, (split,), backbone=trained["backbone"],
                           image_size=trained["image_size"], need_all_images=trained["fine_tuned"])
     report = evaluate(artifact_dir, settings, split=split, products=frame, progress=False)
@@ -384,24 +382,34 @@ def artifact_prefix(settings: Settings, version: str) -> str:
 
 def publish_artifact(settings: Settings, artifact_dir: str | os.PathLike) -> str:
     """Upload an artifact directory to ``<models_prefix><version>/``; returns its URI."""
+    from fashion_tagging.objectstore import open_configured_store
+
     artifact_dir = Path(artifact_dir)
     prefix = artifact_prefix(settings, artifact_dir.name)
-    store = object_store(settings)
+    store = open_configured_store(settings)
     store.upload_dir(artifact_dir, prefix)
     return store.uri(prefix)
 
 
 def artifact_metrics(settings: Settings, version: str) -> dict:
     """The artifact's ``metrics.json`` (evaluation reports by split), read from the store."""
-    return json.loads(object_store(settings).get(f"{artifact_prefix(settings, version)}/metrics.json"))
+    from fashion_tagging.objectstore import open_configured_store
+
+    return json.loads(open_configured_store(settings).get(f"{artifact_prefix(settings, version)}/metrics.json"))
 
 
-def fetch_artifact(settings: Settings, version: str, artifact_uri: str) -> Path:
-    """The local artifact directory of ``version``, downloaded from the store when absent."""
+def fetch_artifact(settings: Settings, version: str) -> Path:
+    """A writable copy of ``version`` under the artifacts dir, downloaded from the store when absent.
+
+    Evaluation adds its reports to it and publishes it again, so it is never the registered artifact
+    itself nor the tagging cache (``artifacts.local_artifact_dir``).
+    """
+    from fashion_tagging.objectstore import open_configured_store
+
     local = settings.artifacts_dir / version
     if (local / "config.json").is_file():
         return local
-    return object_store(settings).download_dir(artifact_prefix(settings, version), local)
+    return open_configured_store(settings).download_dir(artifact_prefix(settings, version), local)
 
 
 # --- running a DAG without a scheduler (CLI demo, tests) ----------------------------------------
@@ -427,18 +435,20 @@ def settings_env(settings: Settings) -> dict:
 
     Every setting ``name`` is read from ``FT_<NAME>`` (settings.py's convention); unset ones stay unset.
     """
-    env = {f"FT_{field.name.upper()}": str(getattr(settings, field.name))
-           for field in dataclasses.fields(settings) if getattr(settings, field.name) is not None}
+    env = {env_name(name): str(getattr(settings, name))
+           for name in type(settings).model_fields if getattr(settings, name) is not None}
     env["FT_OBJECT_STORE_URL"] = settings.resolved_object_store_url
     return env
 
 
 def run_dag_locally(dag_id: str, conf: dict | None = None, *, settings: Settings | None = None,
-                    timeout_s: float = 3600) -> dict:
+                    timeout_s: float = 3600, on_line=None) -> dict:
     """Run one DAG end to end with ``airflow dags test`` (dag.test(): no scheduler, no workers).
 
-    Returns the run's state, each task's state and each task's returned XCom value, read back from
-    the local SQLite metadata database.
+    Its whole output goes to a log file under ``<home>/airflow/dag-test-logs`` (the result's
+    ``log_path``) as it is written; ``on_line(line)`` sees each line at once (the demo's live
+    progress). Returns the run's state, each task's state and each task's returned XCom value,
+    read back from the local SQLite metadata database.
     """
     settings = settings or get_settings()
     env = local_airflow_env(settings)
@@ -446,15 +456,37 @@ def run_dag_locally(dag_id: str, conf: dict | None = None, *, settings: Settings
     database = Path(env["AIRFLOW_HOME"]) / "airflow.db"
     if not database.exists():
         subprocess.run([airflow, "db", "migrate"], env=env, check=True, capture_output=True, timeout=600)
+    log_path = Path(env["AIRFLOW_HOME"]) / "dag-test-logs" / f"{dag_id}-{dt.datetime.now():%Y%m%dT%H%M%S}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    process = subprocess.run([airflow, "dags", "test", dag_id, "--conf", json.dumps(conf or {})],
-                             env=env, capture_output=True, text=True, timeout=timeout_s)
+    # Text mode reads "\r" as a line end, so a progress bar's redraws arrive as lines too.
+    with open(log_path, "w") as log_file, subprocess.Popen(
+            [airflow, "dags", "test", dag_id, "--conf", json.dumps(conf or {})], env=env, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=1) as process:
+        watchdog = threading.Timer(timeout_s, process.kill)
+        watchdog.start()
+        try:
+            for line in process.stdout:
+                log_file.write(line)
+                log_file.flush()
+                if on_line is not None and line.strip():
+                    on_line(line.rstrip("\n"))
+        finally:
+            watchdog.cancel()
+        returncode = process.wait()
     seconds = time.perf_counter() - started
     result = latest_run(database, dag_id)
-    result.update({"seconds": round(seconds, 1), "returncode": process.returncode})
+    result.update({"seconds": round(seconds, 1), "returncode": returncode, "log_path": str(log_path)})
     if result.get("state") != "success":
-        result["log_tail"] = (process.stdout + process.stderr)[-6000:]
+        result["log_tail"] = log_tail(log_path)
     return result
+
+
+def log_tail(path: Path, chars: int = 6000) -> str:
+    """The last ``chars`` characters of a log file (what a failed run shows)."""
+    with open(path, "rb") as file:
+        file.seek(max(0, path.stat().st_size - chars))
+        return file.read().decode("utf-8", errors="replace")
 
 
 def latest_run(database: Path, dag_id: str) -> dict:

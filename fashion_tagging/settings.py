@@ -3,13 +3,23 @@
 Defaults are the embedded, no-cloud set-up: a local directory as the object store, an embedded
 PostgreSQL (with pgvector) under the state directory, the Kaggle catalog in ``../shared``.
 Point ``FT_DATABASE_URL`` / ``FT_OBJECT_STORE_URL`` elsewhere for a real deployment.
+
+Values are validated when the settings are built (CLI start, DAG parse, task start): a bad one
+raises :class:`SettingsError` with one line per bad variable, e.g.
+``FT_IMAGE_SIZE='abc': must be a whole number``. ``python -m fashion_tagging.settings`` prints
+the Markdown table of every variable (:func:`settings_table`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
+from typing import Literal, get_args
+from urllib.parse import urlparse
+
+import annotated_types
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -23,68 +33,117 @@ HEADS = ("articleType", "subCategory", "masterCategory", "gender", "baseColour",
 IMAGE_EMBEDDING_DIM = 1280
 PRODUCT_EMBEDDING_DIM = 256
 BACKBONES = ("efficientnet-lite0", "efficientnet-b0")
+FINE_TUNE_MODES = ("none", "top", "full")
+# The retrain DAG's image_size param allows the same range.
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 32, 600
+# Airflow's default [core] max_map_length: mapped tagging tasks per run stay within it.
+MAX_MAPPED_TASKS = 1024
+ENV_PREFIX = "FT_"
 
 
-def _env(name: str, default: str) -> str:
-    return os.environ.get(f"FT_{name}", default)
+class SettingsError(ValueError):
+    """Invalid settings: one line per bad variable, ``FT_NAME='value': what it must be``."""
 
 
-@dataclasses.dataclass(frozen=True)
-class Settings:
-    """Resolved configuration; build it with :func:`get_settings` (tests pass overrides)."""
+class Settings(BaseSettings):
+    """Resolved configuration; build it with :func:`get_settings` (tests pass overrides).
+
+    Every field ``name`` is read from ``FT_<NAME>``; its ``description`` is the README's meaning.
+    Immutable: :meth:`replace` gives a validated copy with some fields changed.
+    """
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid")
 
     # Where the Kaggle-layout catalog lives (styles.csv, images/, descriptions.csv, split.csv).
-    data_dir: Path = dataclasses.field(default_factory=lambda: Path(_env("DATA_DIR", str(PROJECT_ROOT.parent / "shared/data/fashion-product-images"))))
+    data_dir: Path = Field(
+        PROJECT_ROOT.parent / "shared/data/fashion-product-images",
+        description="Kaggle-layout catalog folder (styles.csv, images/, descriptions.csv, split.csv).")
     # Local state: embedded Postgres data, local object store, caches, model artifacts.
-    home: Path = dataclasses.field(default_factory=lambda: Path(_env("HOME", str(PROJECT_ROOT / ".fashion-tagging"))))
+    home: Path = Field(
+        PROJECT_ROOT / ".fashion-tagging",
+        description="Local state directory: embedded PostgreSQL data, local object store, caches, model artifacts.")
     # None -> start the embedded PostgreSQL (with pgvector) under ``home/pgdata``.
-    database_url: str | None = dataclasses.field(default_factory=lambda: os.environ.get("FT_DATABASE_URL") or None)
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL of the catalog database (PostgreSQL with pgvector); unset or empty: "
+                          "an embedded PostgreSQL under FT_HOME/pgdata.")
     # file:///path or s3://bucket/prefix (endpoint from ``s3_endpoint_url`` for MinIO/moto).
-    object_store_url: str = dataclasses.field(default_factory=lambda: _env("OBJECT_STORE_URL", ""))
-    s3_endpoint_url: str | None = dataclasses.field(default_factory=lambda: os.environ.get("FT_S3_ENDPOINT_URL") or None)
-    catalog_prefix: str = dataclasses.field(default_factory=lambda: _env("CATALOG_PREFIX", "catalog/"))
-    images_prefix: str = dataclasses.field(default_factory=lambda: _env("IMAGES_PREFIX", "images/"))
-    models_prefix: str = dataclasses.field(default_factory=lambda: _env("MODELS_PREFIX", "models/"))
-    s3_max_concurrency: int = dataclasses.field(default_factory=lambda: int(_env("S3_MAX_CONCURRENCY", "16")))
+    object_store_url: str = Field(
+        "", description="Object store: file:///dir, a directory path or s3://bucket/prefix; empty: FT_HOME/store.")
+    s3_endpoint_url: str | None = Field(
+        None, description="S3 endpoint for s3:// stores (MinIO, moto); unset or empty: AWS.")
+    catalog_prefix: str = Field("catalog/", description="Store prefix of the catalog manifests.")
+    images_prefix: str = Field("images/", description="Store prefix of the product images.")
+    models_prefix: str = Field("models/", description="Store prefix of the published model artifacts.")
+    s3_max_concurrency: int = Field(16, ge=1, description="Parallel S3 requests of one store client.")
 
     # Model / training.
-    backbone: str = dataclasses.field(default_factory=lambda: _env("BACKBONE", "efficientnet-lite0"))
-    image_size: int = dataclasses.field(default_factory=lambda: int(_env("IMAGE_SIZE", "224")))
-    max_text_tokens: int = dataclasses.field(default_factory=lambda: int(_env("MAX_TEXT_TOKENS", "100")))
-    vocabulary_size: int = dataclasses.field(default_factory=lambda: int(_env("VOCABULARY_SIZE", "20000")))
+    backbone: Literal[BACKBONES] = Field("efficientnet-lite0", description="Pretrained image backbone.")
+    image_size: int = Field(224, ge=MIN_IMAGE_SIZE, le=MAX_IMAGE_SIZE,
+                            description="Backbone input size in pixels (square).")
+    max_text_tokens: int = Field(100, ge=1, description="Tokens of title + description the text branch reads.")
+    vocabulary_size: int = Field(20000, ge=2, description="Text vocabulary size (most frequent training tokens).")
     # Fused-model epochs (early-stopped on val): on the full catalog epochs 13-20 added at most
     # 0.0007 val accuracy for ~74 s each; a cosine schedule over 12 epochs ended lower (0.9612).
-    epochs: int = dataclasses.field(default_factory=lambda: int(_env("EPOCHS", "12")))
-    batch_size: int = dataclasses.field(default_factory=lambda: int(_env("BATCH_SIZE", "64")))
-    learning_rate: float = dataclasses.field(default_factory=lambda: float(_env("LEARNING_RATE", "1e-3")))
-    seed: int = dataclasses.field(default_factory=lambda: int(_env("SEED", "42")))
-    fine_tune_epochs: int = dataclasses.field(default_factory=lambda: int(_env("FINE_TUNE_EPOCHS", "2")))
+    epochs: int = Field(12, ge=1, description="Maximum fused-model training epochs (early-stopped on val).")
+    batch_size: int = Field(64, ge=1, description="Training batch size.")
+    learning_rate: float = Field(1e-3, gt=0, description="Training learning rate.")
+    seed: int = Field(42, ge=0, le=2**32 - 1, description="Random seed of training and the demo's slices.")
+    fine_tune_epochs: int = Field(2, ge=1, description="Epochs of FT_FINE_TUNE=full fine-tuning.")
     # Backbone fine-tuning: "top" trains its last block on cached activations (fits a CPU),
     # "full" trains its top 30 % end to end on pixels (a GPU job), "none" keeps it frozen.
-    fine_tune: str = dataclasses.field(default_factory=lambda: _env("FINE_TUNE", "top"))
-    top_tune_epochs: int = dataclasses.field(default_factory=lambda: int(_env("TOP_TUNE_EPOCHS", "10")))
+    fine_tune: Literal[FINE_TUNE_MODES] = Field(
+        "top", description="Backbone fine-tuning: top = its last block on cached activations (fits a CPU), "
+                           "full = its top 30 % end to end on pixels (a GPU job), none = frozen.")
+    top_tune_epochs: int = Field(10, ge=1, description="Epochs of FT_FINE_TUNE=top fine-tuning.")
     # A class needs this many training products to get its own output; rarer ones are merged
     # into "Other" (per head) so the model never emits a label it could not learn.
-    min_class_count: int = dataclasses.field(default_factory=lambda: int(_env("MIN_CLASS_COUNT", "3")))
+    min_class_count: int = Field(
+        3, ge=1, description="Training products a class needs to get its own output; rarer classes are "
+                             "merged into \"Other\" per head.")
 
     # Serving / tagging.
-    inference_batch_size: int = dataclasses.field(default_factory=lambda: int(_env("INFERENCE_BATCH_SIZE", "128")))
+    inference_batch_size: int = Field(128, ge=1, description="Batch size of prediction (tagging, evaluation).")
     # Products per transaction of a tagging task (its commit and resume unit).
-    tagging_batch_size: int = dataclasses.field(default_factory=lambda: int(_env("TAGGING_BATCH_SIZE", "1000")))
+    tagging_batch_size: int = Field(
+        1000, ge=1, description="Products per transaction of a tagging task (its commit and resume unit).")
     # Mapped tagging tasks per DAG run, whatever the catalog size: well under Airflow's
     # [core] max_map_length (1024). A bigger backlog gets bigger tasks, then more runs.
-    tagging_max_tasks: int = dataclasses.field(default_factory=lambda: int(_env("TAGGING_MAX_TASKS", "64")))
+    tagging_max_tasks: int = Field(
+        64, ge=1, le=MAX_MAPPED_TASKS,
+        description="Mapped tagging tasks per DAG run, whatever the backlog (within Airflow's max_map_length); "
+                    "a bigger backlog gets bigger tasks, then more runs.")
     # Products one mapped task may take on (a backfill beyond cap x this spans several runs).
-    tagging_task_max_products: int = dataclasses.field(
-        default_factory=lambda: int(_env("TAGGING_TASK_MAX_PRODUCTS", "50000")))
-    top_k: int = dataclasses.field(default_factory=lambda: int(_env("TOP_K", "3")))
+    tagging_task_max_products: int = Field(
+        50000, ge=1, description="Products one mapped tagging task may take on (a bigger backfill spans "
+                                 "several runs).")
+    top_k: int = Field(3, ge=1, description="Most likely labels stored per head, with their scores (the tag's top_k).")
 
     # Orchestration.
-    nightly_cron: str = dataclasses.field(default_factory=lambda: _env("NIGHTLY_CRON", "0 2 * * *"))
-    retrain_cron: str = dataclasses.field(default_factory=lambda: _env("RETRAIN_CRON", "0 4 * * 0"))
-    gpu_queue: str = dataclasses.field(default_factory=lambda: _env("GPU_QUEUE", "gpu"))
-    gpu_pool: str = dataclasses.field(default_factory=lambda: _env("GPU_POOL", "gpu"))
-    baseline_accuracy: float = dataclasses.field(default_factory=lambda: float(_env("BASELINE_ACCURACY", str(BASELINE_ACCURACY))))
+    nightly_cron: str = Field("0 2 * * *", min_length=1, description="Schedule of the catalog_tagging DAG (UTC).")
+    retrain_cron: str = Field("0 4 * * 0", min_length=1, description="Schedule of the retrain_tagger DAG (UTC).")
+    gpu_queue: str = Field("gpu", min_length=1, description="Celery queue of the GPU tasks.")
+    gpu_pool: str = Field("gpu", min_length=1, description="Airflow pool of the GPU tasks.")
+    baseline_accuracy: float = Field(
+        BASELINE_ACCURACY, ge=0, le=1,
+        description="Promotion gate: a candidate needs this articleType test accuracy (and no worse than "
+                    "production).")
+
+    @field_validator("database_url", "s3_endpoint_url", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value):
+        return None if value == "" else value
+
+    @field_validator("object_store_url")
+    @classmethod
+    def _known_store(cls, value: str) -> str:
+        parsed = urlparse(value)
+        if parsed.scheme not in ("", "file", "s3") or (parsed.scheme == "s3" and not parsed.netloc):
+            raise ValueError("must be file:///dir, a directory path or s3://bucket/prefix")
+        return value
+
+    def replace(self, **changes) -> Settings:
+        """A validated copy with ``changes`` applied (the frozen settings' ``dataclasses.replace``)."""
+        return get_settings(**{**{name: getattr(self, name) for name in type(self).model_fields}, **changes})
 
     @property
     def artifacts_dir(self) -> Path:
@@ -107,6 +166,90 @@ class Settings:
         return self.object_store_url or (self.home / "store").resolve().as_uri()
 
 
+def env_name(field: str) -> str:
+    """The environment variable of a settings field: ``image_size`` -> ``FT_IMAGE_SIZE``."""
+    return f"{ENV_PREFIX}{field.upper()}"
+
+
 def get_settings(**overrides) -> Settings:
-    """Settings from the environment, with explicit overrides (used by tests and the CLI)."""
-    return dataclasses.replace(Settings(), **overrides) if overrides else Settings()
+    """Settings from the environment, with explicit overrides (used by tests and the CLI).
+
+    Overrides are validated like the environment; raises :class:`SettingsError` naming every bad value.
+    """
+    try:
+        return Settings(**overrides)
+    except ValidationError as error:
+        problems = _describe(error, overrides)
+    # Raised outside the except block: no chained pydantic report to bury the one line per problem
+    # (a DAG file's import error, as Airflow records it, is a short traceback ending in that line).
+    raise SettingsError(problems)
+
+
+def _describe(error: ValidationError, overrides: dict) -> str:
+    """One line per bad value: ``FT_NAME='value': problem`` (``name=value: problem`` for an override)."""
+    lines = []
+    for problem in error.errors(include_url=False):
+        field = str(problem["loc"][0]) if problem["loc"] else "?"
+        name = field if field in overrides else env_name(field)
+        lines.append(f"{name}={problem.get('input')!r}: {_problem_text(field, problem)}")
+    return "\n".join(dict.fromkeys(lines))
+
+
+def _problem_text(field: str, problem: dict) -> str:
+    kind, ctx = problem["type"], problem.get("ctx") or {}
+    if kind in ("int_parsing", "int_type", "int_from_float"):
+        return "must be a whole number"
+    if kind in ("float_parsing", "float_type", "finite_number"):
+        return "must be a number"
+    if kind == "literal_error":
+        return "must be one of " + ", ".join(get_args(Settings.model_fields[field].annotation))
+    bounds = {"greater_than_equal": ("at least", "ge"), "less_than_equal": ("at most", "le"),
+              "greater_than": ("greater than", "gt"), "less_than": ("less than", "lt")}
+    if kind in bounds:
+        words, key = bounds[kind]
+        return f"must be {words} {ctx[key]}"
+    if kind == "string_too_short":
+        return "must not be empty"
+    if kind == "extra_forbidden":
+        return "is not a setting"
+    if kind == "value_error":
+        return str(ctx.get("error", problem["msg"]))
+    message = problem["msg"]
+    return message[:1].lower() + message[1:]
+
+
+def settings_table() -> str:
+    """A Markdown table of every ``FT_*`` setting: variable, default, meaning (with its allowed values)."""
+    rows = ["| Variable | Default | Meaning |", "|---|---|---|"]
+    for field, info in Settings.model_fields.items():
+        rows.append(f"| `{env_name(field)}` | {_default_text(info.default)} | {_meaning_text(info)} |")
+    return "\n".join(rows)
+
+
+def _default_text(value) -> str:
+    if value is None or value == "":
+        return "*(unset)*"
+    if isinstance(value, Path):
+        value = "<project>/" + os.path.relpath(value, PROJECT_ROOT)
+    return f"`{value}`"
+
+
+def _meaning_text(info) -> str:
+    meaning = info.description or ""
+    choices = get_args(info.annotation) if getattr(info.annotation, "__origin__", None) is Literal else ()
+    limits = []
+    if choices:
+        limits.append("one of " + ", ".join(f"`{choice}`" for choice in choices))
+    words = {annotated_types.Ge: ("≥", "ge"), annotated_types.Gt: (">", "gt"), annotated_types.Le: ("≤", "le"),
+             annotated_types.Lt: ("<", "lt")}
+    for constraint in info.metadata:
+        if type(constraint) in words:
+            symbol, attribute = words[type(constraint)]
+            limits.append(f"{symbol} {getattr(constraint, attribute)}")
+    if limits:
+        meaning += f" ({', '.join(limits)})"
+    return meaning.replace("|", "\\|")
+
+
+if __name__ == "__main__":
+    print(settings_table())

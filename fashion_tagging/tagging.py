@@ -10,28 +10,23 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import shutil
 import threading
 import time
-import uuid
 from collections.abc import Sequence
-from pathlib import Path
-from urllib.parse import unquote, urlparse
 
 import numpy as np
 import sqlalchemy as sa
 
-from fashion_tagging.catalog import RowError, product_text
+from fashion_tagging.catalog import product_text
 from fashion_tagging.db import repository
 from fashion_tagging.db.engine import get_engine
-from fashion_tagging.ingest import describe_error
-from fashion_tagging.objectstore import ObjectNotFound, ObjectStore, open_store, open_uri
+from fashion_tagging.errors import RowError, describe_error
+from fashion_tagging.objectstore import ObjectNotFound, ObjectStore, open_configured_store
+from fashion_tagging.progress import ProgressLogger
 from fashion_tagging.settings import Settings
 
 log = logging.getLogger(__name__)
 
-COMPLETE_MARKER = ".download-complete"
 MIXED_PRECISION_POLICY = "mixed_float16"
 
 _taggers: dict[tuple[str, str], object] = {}
@@ -83,7 +78,7 @@ def tag_batch(product_ids: Sequence[int], *, settings: Settings, engine: sa.Engi
     """Tag ``product_ids`` with ``tagger`` (default: the registry's production model) and store the results."""
     started = time.perf_counter()
     engine = engine or get_engine(settings)
-    store = store or _open_store(settings)
+    store = store or open_configured_store(settings)
     if tagger is None:
         tagger = load_production_tagger(settings, engine, model_version)
     model_version = model_version or tagger.version
@@ -115,10 +110,11 @@ def tag_work_batch(batch_id: int, *, settings: Settings, run_id: str, engine: sa
     if batch["status"] == "done":
         return result
     try:
-        store = store or _open_store(settings)
+        store = store or open_configured_store(settings)
         tagger = tagger or load_production_tagger(settings, engine, batch["model_version"])
         result.model_load_seconds = time.perf_counter() - started
         done_seq, chunk_size = batch["done_seq"], max(1, int(settings.tagging_batch_size))
+        progress = ProgressLogger(batch["products"], "products", log, every_s=30, label=f"batch {batch_id}")
         while True:
             with engine.connect() as conn:
                 rows = repository.products_in_range(conn, done_seq, batch["seq_to"], chunk_size)
@@ -131,6 +127,8 @@ def tag_work_batch(batch_id: int, *, settings: Settings, run_id: str, engine: sa
                       in_transaction=lambda conn, counts, s=last_seq, t=tick: repository.advance_batch(
                           conn, batch_id, s, **counts, seconds=time.perf_counter() - t))
             done_seq = last_seq
+            progress.update(len(rows))
+        progress.finish()
         repository.finish_batch(engine, batch_id)
     except BaseException as error:
         repository.finish_batch(engine, batch_id, error=f"{type(error).__name__}: {describe_error(error)}")
@@ -140,11 +138,6 @@ def tag_work_batch(batch_id: int, *, settings: Settings, run_id: str, engine: sa
              batch_id, batch["model_version"], batch["seq_from"], batch["seq_to"], result.tagged, result.requested,
              result.text_only, result.errors, result.total_seconds)
     return result
-
-
-def _open_store(settings: Settings) -> ObjectStore:
-    return open_store(settings.resolved_object_store_url, endpoint_url=settings.s3_endpoint_url,
-                      max_concurrency=settings.s3_max_concurrency)
 
 
 def _tag_rows(rows, product_ids: list[int], *, settings: Settings, engine: sa.Engine, store: ObjectStore, tagger,
@@ -247,31 +240,10 @@ def load_tagger(settings: Settings, version: str, artifact_uri: str):
     with _taggers_lock:
         if key not in _taggers:
             configure_accelerator()
-            from fashion_tagging.artifacts import Tagger
+            from fashion_tagging.artifacts import Tagger, local_artifact_dir
 
             _taggers[key] = Tagger.load(local_artifact_dir(settings, version, artifact_uri))
         return _taggers[key]
-
-
-def local_artifact_dir(settings: Settings, version: str, artifact_uri: str) -> Path:
-    """A local directory holding the artifact: itself when local, else a downloaded copy in the cache."""
-    if not artifact_uri.startswith("s3://"):
-        path = Path(unquote(urlparse(artifact_uri).path)) if artifact_uri.startswith("file://") else Path(artifact_uri)
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"model {version!r}: no artifact at {artifact_uri}")
-        return path
-    target = settings.cache_dir / "models" / version
-    if (target / COMPLETE_MARKER).is_file():
-        return target
-    store, key = open_uri(artifact_uri, endpoint_url=settings.s3_endpoint_url)
-    staging = target.with_name(f".{version}-{uuid.uuid4().hex[:8]}")
-    store.download_dir(key, staging)
-    (staging / COMPLETE_MARKER).touch()
-    try:
-        os.replace(staging, target)  # another process may have won the race: theirs is as good
-    except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
 
 
 def configure_accelerator() -> None:

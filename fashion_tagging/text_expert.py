@@ -14,6 +14,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from fashion_tagging.progress import epoch_logger
+
 VOCABULARY_SIZE = 50_000  # words and word pairs, fitted on train
 NGRAMS = 2
 EPOCHS = 3  # val: blended fused 0.9772 after 3 epochs as after 6, text-only 0.9751 vs 0.9737; half the time
@@ -58,7 +60,7 @@ def fit_text_expert(texts: list[str], labels: np.ndarray, num_classes: int, *, s
     trainer.compile(optimizer=keras.optimizers.Adam(LEARNING_RATE), loss=keras.losses.SparseCategoricalCrossentropy())
     data = (tf.data.Dataset.from_tensor_slices((_tfidf_matrix(vectorizer, texts), labels))
             .shuffle(len(texts), seed=seed).batch(BATCH_SIZE).prefetch(tf.data.AUTOTUNE))
-    trainer.fit(data, epochs=EPOCHS, verbose=2 if progress else 0)
+    trainer.fit(data, epochs=EPOCHS, verbose=2 if progress else 0, callbacks=[epoch_logger("text expert", EPOCHS)])
 
     raw = keras.Input((1,), dtype="string", name="text")
     return keras.Model(raw, classifier(vectorizer(raw)), name="text_expert")

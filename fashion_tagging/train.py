@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import json
 import logging
 import math
 import time
@@ -20,12 +19,13 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from fashion_tagging.artifacts import FINE_TUNED_BACKBONE_FILE, IMAGE_EXPERT_FILE, TEXT_EXPERT_FILE
+from fashion_tagging.artifacts import save_artifact
 from fashion_tagging.catalog import load_kaggle_catalog, with_clean_labels
 from fashion_tagging.images import decode_tensor, resize_and_pad
 from fashion_tagging.features import catalog_image_embeddings
+from fashion_tagging.progress import epoch_logger
 from fashion_tagging.model import (AUXILIARY_HEADS, BLEND_SITUATIONS, MODES, OTHER_LABEL, LabelMap, TextEncoder,
-                                   build_head_model, choose_blend, compile_head_model, modality_view, save_encoders)
+                                   build_head_model, choose_blend, compile_head_model, modality_view, model_inputs)
 from fashion_tagging.settings import HEADS, IMAGE_EMBEDDING_DIM, PRIMARY_HEAD, Settings
 from fashion_tagging.text_expert import fit_text_expert, predict_text_expert
 
@@ -67,15 +67,6 @@ def fine_tune_mode(value: bool | str) -> str:
     if value not in FINE_TUNE_MODES:
         raise ValueError(f"fine_tune must be one of {', '.join(FINE_TUNE_MODES)}, got {value!r}")
     return value
-
-
-def model_inputs(embeddings: np.ndarray, has_image: np.ndarray, tokens: np.ndarray, has_text: np.ndarray) -> dict:
-    return {
-        "image_embedding": embeddings.astype(np.float32),
-        "has_image": has_image.astype(np.float32).reshape(-1, 1),
-        "tokens": tokens.astype(np.int64),
-        "has_text": has_text.astype(np.float32).reshape(-1, 1),
-    }
 
 
 def _modality_dropout(inputs, labels, weights, seed: int):
@@ -276,8 +267,10 @@ def train(
         keras.callbacks.ReduceLROnPlateau(monitor=monitor, mode="max", factor=0.3, patience=1, min_lr=1e-5),
     ]
     t0 = time.perf_counter()
-    history = trainable.fit(train_data, validation_data=val_data, epochs=epochs or settings.epochs,
-                        callbacks=callbacks, verbose=2 if progress else 0)
+    fused_epochs = epochs or settings.epochs
+    callbacks.append(epoch_logger("fused model", fused_epochs, f"{PRIMARY_HEAD}_acc"))
+    history = trainable.fit(train_data, validation_data=val_data, epochs=fused_epochs,
+                            callbacks=callbacks, verbose=2 if progress else 0)
     fit_seconds = time.perf_counter() - t0 + top_seconds
     if mode == "full":
         t0 = time.perf_counter()
@@ -295,15 +288,6 @@ def train(
 
     version = new_version(settings.backbone)
     artifact_dir = Path(output_dir or settings.artifacts_dir) / version
-    artifact_dir.mkdir(parents=True, exist_ok=False)
-    model.save(artifact_dir / "model.keras")
-    if backbone is not None:
-        backbone.save_weights(artifact_dir / FINE_TUNED_BACKBONE_FILE)
-    if expert is not None:
-        expert.save(artifact_dir / IMAGE_EXPERT_FILE)
-    if text_expert is not None:
-        text_expert.save(artifact_dir / TEXT_EXPERT_FILE)
-    save_encoders(artifact_dir, text, label_maps)
     history_dict = {k: [float(v) for v in values] for k, values in history.history.items()}
     if top_history:
         history_dict["backbone_top"] = top_history
@@ -326,8 +310,8 @@ def train(
         "primary_blend": blend, "primary_blend_val": blend_report,
         "timings": timings, "created_at": dt.datetime.now(dt.UTC).isoformat(),
     }
-    (artifact_dir / "config.json").write_text(json.dumps(config, indent=1))
-    (artifact_dir / "history.json").write_text(json.dumps(history_dict, indent=1))
+    save_artifact(artifact_dir, model=model, text=text, label_maps=label_maps, config=config, history=history_dict,
+                  backbone=backbone, image_expert=expert, text_expert=text_expert)
     log.info("trained %s in %.0fs -> %s", version, timings["train_seconds"], artifact_dir)
     return TrainResult(artifact_dir, version, history_dict, timings)
 
@@ -358,8 +342,8 @@ def _pixel_dataset(rows: pd.DataFrame, text: TextEncoder, label_maps: dict, *, s
     """(pixels + text inputs, labels, weights) from image files, with flips/brightness when training."""
     paths = [p if isinstance(p, str) and p else "" for p in rows["image_path"]]
     has_text = rows["text"].fillna("").str.strip().ne("").to_numpy()
-    inputs = {"path": np.array(paths), "has_image": np.array([bool(p) for p in paths], np.float32).reshape(-1, 1),
-              "tokens": text.encode(rows["text"].tolist()), "has_text": has_text.astype(np.float32).reshape(-1, 1)}
+    inputs = {"path": np.array(paths), **model_inputs(None, np.array([bool(p) for p in paths]),
+                                                      text.encode(rows["text"].tolist()), has_text)}
     labels = with_auxiliary_labels({head: label_maps[head].encode(rows[head]) for head in label_maps})
 
     def load(x, y, w):
@@ -403,7 +387,8 @@ def fine_tune_backbone(settings: Settings, head_model: keras.Model, text: TextEn
     composite.fit(_pixel_dataset(train_rows, batch_size=settings.batch_size, training=True, **common),
                   validation_data=_pixel_dataset(val_rows, batch_size=settings.inference_batch_size,
                                                  training=False, **common),
-                  epochs=settings.fine_tune_epochs, verbose=2 if progress else 0)
+                  epochs=settings.fine_tune_epochs, verbose=2 if progress else 0,
+                  callbacks=[epoch_logger("backbone fine-tuning", settings.fine_tune_epochs, f"{PRIMARY_HEAD}_acc")])
     return backbone
 
 
@@ -461,7 +446,8 @@ def tune_backbone_top(settings: Settings, backbone: keras.Model, label_maps: dic
     compile_head_model(warm, tuple(label_maps), TOP_TUNE_WARMUP_LEARNING_RATE)
     warmup = warm.fit(_vector_dataset(train_pooled, train_labels, training=True, **common),
                       validation_data=_vector_dataset(val_pooled, val_labels, training=False, **common),
-                      epochs=1, verbose=verbose)
+                      epochs=1, verbose=verbose,
+                      callbacks=[epoch_logger("backbone last block warm-up", 1, f"{PRIMARY_HEAD}_acc")])
 
     top.trainable = True
     for layer in top.layers:
@@ -475,7 +461,8 @@ def tune_backbone_top(settings: Settings, backbone: keras.Model, label_maps: dic
     keep_best = keras.callbacks.EarlyStopping(monitor=monitor, mode="max", patience=settings.top_tune_epochs,
                                               restore_best_weights=True)
     tuned = model.fit(train_data, validation_data=val_data, epochs=settings.top_tune_epochs, verbose=verbose,
-                      callbacks=[keep_best])
+                      callbacks=[keep_best, epoch_logger("backbone last block", settings.top_tune_epochs,
+                                                         f"{PRIMARY_HEAD}_acc")])
     return expert, {k: [float(v) for v in warmup.history[k] + tuned.history[k]] for k in tuned.history}
 
 

@@ -15,14 +15,13 @@ from pathlib import Path
 from airflow.api_fastapi.auth.managers.models.resource_details import AccessView
 from airflow.api_fastapi.core_api.security import requires_access_view
 from airflow.plugins_manager import AirflowPlugin
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Query
 from fastapi.responses import HTMLResponse, Response
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from fashion_tagging import dashboard
 from fashion_tagging.db.engine import get_engine
-from fashion_tagging.objectstore import ObjectNotFound
-from fashion_tagging.pipeline import object_store
+from fashion_tagging.objectstore import ObjectNotFound, open_configured_store
 from fashion_tagging.settings import HEADS, PRIMARY_HEAD, get_settings
 
 URL_PREFIX = "/catalog-tagging"
@@ -44,7 +43,7 @@ def _settings():
 
 @functools.cache
 def _store():
-    return object_store(_settings())
+    return open_configured_store(_settings())
 
 
 def _catalog():

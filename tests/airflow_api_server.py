@@ -1,7 +1,8 @@
-"""A real Airflow api-server in a throw-away AIRFLOW_HOME, for the UI test and the page benchmark.
+"""A real Airflow api-server in a throw-away AIRFLOW_HOME, and a headless Chromium to drive it.
 
-Simple auth manager with known users, the repository's ``plugins/`` folder, an empty dags folder
-and a PostgreSQL metadata database given by the caller (never SQLite).
+For the UI test, the page benchmark and the README's screenshot: simple auth manager with known
+users, the repository's ``plugins/`` folder, an empty dags folder and a PostgreSQL metadata
+database given by the caller (never SQLite). Chromium is Debian's (``chromium``, ``chromium-driver``).
 """
 
 from __future__ import annotations
@@ -10,10 +11,12 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,6 +25,8 @@ import requests
 REPO = Path(__file__).resolve().parent.parent
 AIRFLOW = str(Path(sys.executable).with_name("airflow"))
 START_TIMEOUT_S = 180
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
 SIMPLE_AUTH_MANAGER = "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager"
 DEFAULT_USERS = {"tester": ("viewer", "tester-password")}
 
@@ -108,3 +113,58 @@ def _free_port() -> int:
     with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def chromium(width: int = 1440, height: int = 3800):
+    """A headless Chromium WebDriver with a throw-away profile (the window holds the whole page)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--window-size={width},{height}"):
+        options.add_argument(flag)
+    profile = tempfile.mkdtemp(prefix="chromium-profile-")
+    options.add_argument(f"--user-data-dir={profile}")
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def log_in(browser, wait, server: AirflowApiServer) -> None:
+    """Through the simple auth manager's login form, as a person would."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+
+    user, (_, password) = next(iter(server.users.items()))
+    browser.get(server.base_url + "/")
+    wait.until(expected_conditions.presence_of_element_located((By.NAME, "username"))).send_keys(user)
+    browser.find_element(By.NAME, "password").send_keys(password)
+    browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    wait.until(lambda driver: driver.get_cookie("_token") is not None)
+
+
+def open_catalog_page(browser, wait, server: AirflowApiServer) -> None:
+    """Log in, follow the navigation's "Catalog tagging" entry and enter the page's iframe once it has loaded."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+
+    log_in(browser, wait, server)
+    wait.until(expected_conditions.element_to_be_clickable(
+        (By.XPATH, "//a[contains(@href, 'plugin/catalog-tagging')]"))).click()
+    wait.until(expected_conditions.frame_to_be_available_and_switch_to_it((By.TAG_NAME, "iframe")))
+    wait.until(expected_conditions.presence_of_element_located((By.ID, "registry-table")))
+
+
+def wait_images_loaded(browser, wait, selector: str) -> None:
+    """Every matching <img> decoded (thumbnails and the confusion PNG came through the plugin)."""
+    script = ("return Array.from(document.querySelectorAll(arguments[0]))"
+              ".every(img => img.complete && img.naturalWidth > 0);")
+    browser.execute_script("document.querySelectorAll(arguments[0]).forEach(img => img.loading = 'eager');", selector)
+    wait.until(lambda driver: driver.execute_script(script, selector))

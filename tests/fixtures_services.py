@@ -17,6 +17,8 @@ Stable names, used across the suite (Airflow, UI, tagging tests):
   some without photo, one with a corrupt photo, plus ``KAGGLE_SLICE_BAD_ROWS`` broken rows).
 - ``synthetic_predictions(n, seed) -> TagPredictions``: random but well-formed model output, for
   DB tests and benchmarks that need rows to write without training a model.
+- ``tag_and_embedding_rows(...)``: predictions as plain ``tags`` / ``embeddings`` rows, the reference
+  the repository's hand-built COPY encoder is checked against.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import sqlalchemy as sa
 from fashion_tagging.db.engine import embedded_postgres_url, engine_for_url, ensure_database, migrate, \
     stop_embedded_postgres
 from fashion_tagging.objectstore import S3Store
-from fashion_tagging.settings import HEADS, IMAGE_EMBEDDING_DIM, PRODUCT_EMBEDDING_DIM, get_settings
+from fashion_tagging.settings import HEADS, IMAGE_EMBEDDING_DIM, PRIMARY_HEAD, PRODUCT_EMBEDDING_DIM, get_settings
 
 SLICE_WITH_IMAGE = 20
 SLICE_WITHOUT_IMAGE = 3
@@ -138,3 +140,34 @@ def synthetic_predictions(n: int, seed: int = 0, *, has_image=None):
     has_image = np.ones(n, dtype=bool) if has_image is None else np.asarray(has_image, dtype=bool)
     image = rng.normal(size=(n, IMAGE_EMBEDDING_DIM)).astype(np.float32) * has_image[:, None]
     return TagPredictions(labels, confidences, top_k, image, product, has_image, np.ones(n, dtype=bool))
+
+
+def tag_and_embedding_rows(model_version: str, run_id: str, product_ids, predictions) -> tuple[list, list]:
+    """Rows in ``repository.TAG_COLUMNS`` / ``EMBEDDING_COLUMNS`` order, built field by field."""
+    tag_rows, embedding_rows = [], []
+    for i, product_id in enumerate(product_ids):
+        head_json = {head: {"label": predictions.labels[head][i],
+                            "confidence": round(float(predictions.confidences[head][i]), 6),
+                            "top_k": [[label, float(score)] for label, score in predictions.top_k[head][i]]}
+                     for head in predictions.labels}
+        tag_rows.append((int(product_id), model_version, predictions.labels[PRIMARY_HEAD][i],
+                         float(predictions.confidences[PRIMARY_HEAD][i]), head_json, bool(predictions.has_image[i]),
+                         bool(predictions.has_text[i]), run_id))
+        embedding_rows.append((int(product_id), model_version, predictions.product_embeddings[i], run_id))
+    return tag_rows, embedding_rows
+
+
+def untagged_product_ids(conn, model_version: str, *, limit: int | None = None) -> list[int]:
+    """Ids of products with no tags from ``model_version`` yet, or changed since (a test oracle: it scans)."""
+    from fashion_tagging.db import schema
+
+    p, t = schema.products, schema.tags
+    query = (
+        sa.select(p.c.product_id)
+        .select_from(p.outerjoin(t, sa.and_(t.c.product_id == p.c.product_id, t.c.model_version == model_version)))
+        .where(sa.or_(t.c.product_id.is_(None), t.c.tagged_at < p.c.updated_at))
+        .order_by(p.c.product_id)
+    )
+    if limit is not None:
+        query = query.limit(limit)
+    return list(conn.execute(query).scalars())

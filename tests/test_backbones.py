@@ -129,6 +129,29 @@ def test_classifies_sample_photos_sensibly(classifier, photo, expected_classes):
     assert top5 & expected_classes, f"top-5 {sorted(top5)} has none of {sorted(expected_classes)}"
 
 
+def test_private_keras_efficientnet_builder_still_builds_the_public_b0():
+    """Lite0 is built by keras.src's generic builder (public Keras has only B0..B7): from B0's block
+    table it must build exactly the public B0, so Lite0's own changes (relu6, no SE) are the only ones."""
+    import copy
+    import re
+
+    import keras
+
+    builder, blocks = backbones._keras_efficientnet_builder()
+    assert [(b["repeats"], b["filters_out"], b["se_ratio"]) for b in blocks] == [
+        (1, 16, 0.25), (2, 24, 0.25), (2, 40, 0.25), (3, 80, 0.25), (3, 112, 0.25), (4, 192, 0.25), (1, 320, 0.25)]
+    common = dict(include_top=True, weights=None, input_shape=(64, 64, 3), classes=10, classifier_activation=None)
+    private = builder(width_coefficient=1.0, depth_coefficient=1.0, default_size=224, dropout_rate=0.2,
+                      activation="swish", blocks_args=copy.deepcopy(blocks), name="b0", **common)
+    public = keras.applications.EfficientNetB0(name="b0", **common)
+
+    def architecture(model):  # unnamed layers get a per-session suffix ("input_layer_1")
+        return [(re.sub(r"_\d+$", "", layer.name), type(layer).__name__, [tuple(w.shape) for w in layer.weights])
+                for layer in model.layers]
+
+    assert architecture(private) == architecture(public)
+
+
 def test_lite0_backbone_embeds_raw_pixels_at_any_size(lite0_cache):
     backbone = backbones.build_backbone("efficientnet-lite0", 128, cache_dir=lite0_cache)
     pixels = np.random.default_rng(0).uniform(0, 255, size=(3, 128, 128, 3)).astype(np.float32)

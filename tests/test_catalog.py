@@ -1,6 +1,6 @@
 """The Kaggle-layout loader: real rows load, bad rows are reported with their reason."""
 
-from fashion_tagging.catalog import clean_html, load_kaggle_catalog, product_text
+from fashion_tagging.catalog import clean_html, load_kaggle_catalog, product_text, stable_splits
 from tests.fixtures_data import CORRUPT_IMAGE_ID, SLICE_PER_SPLIT
 
 
@@ -36,3 +36,17 @@ def test_clean_html_and_product_text():
     assert clean_html(None) == ""
     assert product_text("Nike Tee", "") == "Nike Tee"
     assert product_text("", "") == ""
+
+
+def test_a_catalog_without_split_csv_gets_a_stable_split(kaggle_slice_dir, tmp_path):
+    import shutil
+
+    folder = tmp_path / "no-split"
+    shutil.copytree(kaggle_slice_dir, folder, ignore=shutil.ignore_patterns("split.csv", "images"))
+    first = load_kaggle_catalog(folder).products.set_index("id")["split"]
+    again = load_kaggle_catalog(folder).products.set_index("id")["split"]
+
+    assert first.equals(again)  # re-reading (or a grown catalog) never moves a product between splits
+    assert set(first.dropna()) == {"train", "val", "test"}
+    assert (first == "train").mean() > 0.6
+    assert stable_splits([7, 8], [False, True])[0] is None  # no label: not a training product

@@ -1,20 +1,15 @@
 """Every DAG file parses without errors, cheaply, and declares ownership, tags and retries.
 
-Each file is parsed in a fresh process (like the dag-processor), via the parse-time benchmark's
-probe, so Airflow's global configuration never leaks into the rest of the test session.
+Each file is parsed in a fresh process (like the dag-processor), by ``tests/dag_probe.py``, so
+Airflow's global configuration never leaks into the rest of the test session.
 """
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 
 from fashion_tagging.settings import PROJECT_ROOT
-
-_spec = importlib.util.spec_from_file_location("dag_parse_times", PROJECT_ROOT / "benchmarks" / "dag_parse_times.py")
-dag_parse_times = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(dag_parse_times)
+from tests.dag_probe import dag_files, probe_in_subprocess
 
 EXPECTED_DAGS = {"catalog_tagging.py": {"catalog_tagging"}, "retrain.py": {"retrain_tagger"}}
 
@@ -22,7 +17,7 @@ EXPECTED_DAGS = {"catalog_tagging.py": {"catalog_tagging"}, "retrain.py": {"retr
 @pytest.fixture(scope="module")
 def probes(tmp_path_factory) -> dict:
     airflow_home = str(tmp_path_factory.mktemp("airflow-home"))
-    return {f.name: dag_parse_times.probe_in_subprocess(f, airflow_home) for f in dag_parse_times.dag_files()}
+    return {f.name: probe_in_subprocess(f, airflow_home) for f in dag_files()}
 
 
 def test_expected_dag_files_define_their_dags(probes):

@@ -77,7 +77,7 @@ def rejected_run(world):
 
 @pytest.fixture(scope="module")
 def promoted_run(world, rejected_run):
-    settings = pipeline.dataclasses.replace(world["settings"], baseline_accuracy=0.0)
+    settings = world["settings"].replace(baseline_accuracy=0.0)
     return pipeline.run_dag_locally("retrain_tagger", RETRAIN_CONF, settings=settings)
 
 

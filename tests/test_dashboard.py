@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 import sqlalchemy as sa
 
-from benchmarks.dashboard_latency import catalog_products, seed_synthetic_catalog
 from fashion_tagging import dashboard
 from fashion_tagging.db import repository
 from fashion_tagging.db.engine import engine_for_url
-from fashion_tagging.progress import ProgressLogger
 from fashion_tagging.settings import PRIMARY_HEAD, get_settings
 from tests.fixtures_services import drop_database, new_database
+from tests.synthetic_catalog import catalog_products, seed_synthetic_catalog
 
 SEEDED_PRODUCTS = 200
 BACKFILL_SHARE = 0.25
@@ -163,19 +160,3 @@ def test_artifact_files_are_read_from_the_local_dir_a_path_or_s3(tmp_path, s3_st
     assert dashboard.read_artifact_file(settings, "v9", s3_uri, "report.md") == b"in s3"
     assert dashboard.read_artifact_file(settings, "v9", s3_uri, "missing.png") is None
     assert dashboard.read_artifact_file(settings, "v9", str(elsewhere), "missing.png") is None
-
-
-def test_progress_logger_logs_batches_rate_and_eta(caplog):
-    now = [0.0]
-    progress = ProgressLogger(3000, "products", logging.getLogger("test.progress"), every_s=5, batches=3,
-                              clock=lambda: now[0])
-    with caplog.at_level(logging.INFO, logger="test.progress"):
-        for _ in range(3):
-            now[0] += 2.0
-            progress.update(1000)
-        progress.finish()
-
-    lines = [record.getMessage() for record in caplog.records]
-    assert lines[0] == "batch 1/3: 1000/3000 products (33.3%), 500.0 products/s, eta 4s"
-    assert lines[-1] == "batch 3/3: 3000/3000 products (100.0%), 500.0 products/s"
-    assert len(lines) == 2  # batches 2 and 3 came under every_s after batch 1; finish() logs the last

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
-from fashion_tagging.catalog import RowError
+from fashion_tagging.errors import RowError
 from fashion_tagging.db import repository, schema
 from fashion_tagging.db.engine import engine_for_url, get_engine, migrate, migrate_database, running_port, \
     stop_embedded_postgres
@@ -22,7 +22,7 @@ from fashion_tagging.ingest import import_catalog, load_catalog_into_db
 from fashion_tagging.objectstore import open_store
 from fashion_tagging.settings import get_settings
 from tests.fixtures_services import KAGGLE_SLICE_BAD_ROWS, KAGGLE_SLICE_SIZE, drop_database, new_database, \
-    synthetic_predictions
+    synthetic_predictions, tag_and_embedding_rows, untagged_product_ids
 
 VERSION = "v-test"
 
@@ -92,8 +92,8 @@ def test_same_batch_twice_gives_one_row_per_product(tagged_db):
         assert sorted(image_less) == [4, 8, 12, 16, 20]
         assert heads["articleType"]["label"] == predictions.labels["articleType"][0]
         assert stats_match_tags(conn, VERSION)
-        assert repository.products_needing_tags(conn, VERSION) == list(range(21, 41))
-        assert repository.products_needing_tags(conn, "other-version", limit=3) == [1, 2, 3]
+        assert untagged_product_ids(conn, VERSION) == list(range(21, 41))
+        assert untagged_product_ids(conn, "other-version", limit=3) == [1, 2, 3]
 
 
 def test_write_killed_mid_transaction_then_retried(tagged_db, monkeypatch):
@@ -120,17 +120,18 @@ def test_write_killed_mid_transaction_then_retried(tagged_db, monkeypatch):
         assert count(conn, schema.tags) == count(conn, schema.embeddings) == 30
 
 
-def test_plain_insert_path_writes_the_same_rows(tagged_db):
+def test_both_write_paths_store_the_predicted_embeddings(tagged_db):
     ids = list(range(1, 11))
     predictions = synthetic_predictions(len(ids), seed=3)
+    stored = []
     with tagged_db.begin() as conn:
-        repository.write_tags_and_embeddings_plain(conn, VERSION, "run-3", ids, predictions)
-        plain = conn.execute(sa.select(schema.embeddings.c.product_embedding).order_by("product_id")).scalars().all()
-        repository.write_tags_and_embeddings(conn, VERSION, "run-3", ids, predictions)
-        copied = conn.execute(sa.select(schema.embeddings.c.product_embedding).order_by("product_id")).scalars().all()
+        for _ in range(2):  # fresh rows (COPY into the partition), then the same rows again (the upsert)
+            repository.write_tags_and_embeddings(conn, VERSION, "run-3", ids, predictions)
+            stored.append(conn.execute(sa.select(schema.embeddings.c.product_embedding)
+                                       .order_by("product_id")).scalars().all())
         assert count(conn, schema.tags) == 10
-    np.testing.assert_allclose(np.array(plain), np.array(copied), rtol=1e-6)
-    np.testing.assert_allclose(np.array(copied), predictions.product_embeddings, rtol=1e-6)
+    for vectors in stored:
+        np.testing.assert_allclose(np.array(vectors), predictions.product_embeddings, rtol=1e-6)
 
 
 def test_errors_are_recorded_once_per_run(catalog_engine):
@@ -153,7 +154,7 @@ def test_model_registry_promotion_and_rejection(catalog_engine):
     repository.promote_model(catalog_engine, "v2")
     repository.reject_model(catalog_engine, "v3", "accuracy 0.80 below the baseline 0.91")
 
-    statuses = {row["version"]: row["status"] for row in repository.list_models(catalog_engine)}
+    statuses = {version: repository.get_model(catalog_engine, version)["status"] for version in ("v1", "v2", "v3")}
     assert statuses == {"v1": "retired", "v2": "promoted", "v3": "rejected"}  # v1 superseded mid-backfill
     assert repository.production_model(catalog_engine)["version"] == "v2"
     assert repository.serving_model(catalog_engine) is None  # promoted is not serving
@@ -316,7 +317,7 @@ def test_fast_row_encoding_sends_the_bytes_of_the_generic_copy(monkeypatch):
     predictions = synthetic_predictions(7, seed=5, has_image=[True, False, True, True, False, True, True])
     predictions.labels["articleType"][2] = 'Quote "and" ünïcode\\'
     ids = [3, 1, 2**40, 5, 6, 7, 8]
-    tag_rows, embedding_rows = repository._tag_and_embedding_rows("v-é", "run \"x\"", ids, predictions)
+    tag_rows, embedding_rows = tag_and_embedding_rows("v-é", "run \"x\"", ids, predictions)
     sent = {}
 
     class Cursor:

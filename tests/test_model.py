@@ -37,7 +37,8 @@ def test_head_model_has_every_head_and_the_product_embedding():
 
 
 def test_training_batches_group_text_lengths_and_trimmed_padding_changes_no_output():
-    from fashion_tagging.train import TEXT_BUCKET_WIDTH, make_dataset, model_inputs
+    from fashion_tagging.model import model_inputs
+    from fashion_tagging.train import TEXT_BUCKET_WIDTH, make_dataset
 
     rng = np.random.default_rng(0)
     lengths = rng.integers(1, 101, size=300)

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from fashion_tagging.ingest import encode_manifest, import_kaggle_catalog, read_manifests
-from fashion_tagging.objectstore import LocalStore, ObjectNotFound, S3Store, open_store, open_uri
+from fashion_tagging.objectstore import LocalStore, ObjectNotFound, S3Store, local_path, open_store, open_uri
 from fashion_tagging.settings import get_settings
 from tests.fixtures_services import KAGGLE_SLICE_BAD_ROWS, KAGGLE_SLICE_SIZE, SLICE_WITHOUT_IMAGE
 
@@ -60,6 +60,10 @@ def test_open_store_and_uris(tmp_path, s3_endpoint):
     assert config.retries["mode"] in ("standard", "adaptive") and config.max_pool_connections == 4
     store, key = open_uri("s3://bucket/models/v1", endpoint_url=s3_endpoint)
     assert (store.bucket, key) == ("bucket", "models/v1")
+    spaced = tmp_path / "models dir" / "v1"
+    assert local_path(spaced.as_uri()) == local_path(str(spaced)) == spaced and local_path("s3://b/v1") is None
+    store, key = open_uri(spaced.as_uri())
+    assert (store.root, key) == (spaced.parent.resolve(), "v1")
     with pytest.raises(ValueError, match="unsupported"):
         open_store("ftp://host/x")
     with pytest.raises(ValueError, match="escapes"):

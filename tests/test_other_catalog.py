@@ -18,6 +18,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from fashion_tagging.settings import PRIMARY_HEAD, get_settings
+from tests.fixtures_services import tag_and_embedding_rows
 
 FIRST_ID = 7_310_000  # far from the real catalog's ids
 KINDS = {  # articleType -> (subCategory, shape drawn on the photo)
@@ -97,7 +98,6 @@ def test_catalog_without_some_heads_trains_tags_and_evaluates_on_the_heads_it_ha
         other_catalog, ft_home, tmp_path, caplog):
     from fashion_tagging.artifacts import Tagger
     from fashion_tagging.catalog import load_kaggle_catalog
-    from fashion_tagging.db.repository import _tag_and_embedding_rows
     from fashion_tagging.evaluate import evaluate
     from fashion_tagging.images import decode_image, to_model_size
     from fashion_tagging.train import train
@@ -141,7 +141,7 @@ def test_catalog_without_some_heads_trains_tags_and_evaluates_on_the_heads_it_ha
     assert np.abs(resized.astype(int) - decoded.astype(int)).max() <= 2  # Pillow (stores) and TF (arrays) agree
 
     # What the nightly job would store: the heads JSON holds the model's heads, nothing else.
-    tag_rows, _ = _tag_and_embedding_rows(tagger.version, "run", [1, 2, 3], preds)
+    tag_rows, _ = tag_and_embedding_rows(tagger.version, "run", [1, 2, 3], preds)
     assert all(set(row[4]) == set(EXPECTED_HEADS) for row in tag_rows)
 
     report = evaluate(result.artifact_dir, settings, products=products, progress=False)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import sqlalchemy as sa
 
@@ -13,6 +11,7 @@ from fashion_tagging.ingest import import_kaggle_catalog, load_catalog_into_db
 from fashion_tagging.settings import get_settings
 from fashion_tagging.tagging import load_production_tagger, tag_batch, tag_work_batch
 from tests.fixtures_data import CORRUPT_IMAGE_ID
+from tests.fixtures_services import untagged_product_ids
 
 NO_INPUT_ID = 990001  # a product with neither photo nor text
 UNKNOWN_ID = 990002  # not in the catalog at all
@@ -41,7 +40,7 @@ def catalog(kaggle_slice, s3_store, catalog_engine, tiny_artifact, tmp_path):
                               s3_store.uri(f"{prefix}{version}"), {}, None)
     repository.promote_model(catalog_engine, version)
     with catalog_engine.connect() as conn:
-        ids = repository.products_needing_tags(conn, version)
+        ids = untagged_product_ids(conn, version)
     return dict(settings=settings, engine=catalog_engine, store=s3_store, version=version, ids=ids,
                 missing_photo_id=missing_photo_id, artifact_uri=s3_store.uri(f"{prefix}{version}"))
 
@@ -105,7 +104,7 @@ def test_batch_killed_while_writing_is_retried_cleanly(catalog, monkeypatch):
 
 def pipeline_settings(catalog, **overrides):
     url = catalog["engine"].url.render_as_string(hide_password=False)
-    return dataclasses.replace(catalog["settings"], database_url=url, **overrides)
+    return catalog["settings"].replace(database_url=url, **overrides)
 
 
 def nightly_run(settings, run_id, *, fail=lambda batch: False):

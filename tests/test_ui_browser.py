@@ -9,29 +9,23 @@ promoted and half-way through its backfill); the object store is the shared data
 
 from __future__ import annotations
 
-import shutil
 import socket
-import tempfile
 import uuid
 from pathlib import Path
 
 import pytest
 import requests
-from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
-from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
 
-from benchmarks.dashboard_latency import catalog_products, seed_synthetic_catalog
 from fashion_tagging import dashboard
 from fashion_tagging.db.engine import engine_for_url, ensure_database
 from fashion_tagging.settings import get_settings
-from tests.airflow_api_server import AirflowApiServer
+from tests.airflow_api_server import (CHROMEDRIVER, CHROMIUM, AirflowApiServer, chromium, open_catalog_page,
+                                      wait_images_loaded)
 from tests.fixtures_services import drop_database, new_database
+from tests.synthetic_catalog import catalog_products, seed_synthetic_catalog
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
 SYSTEM_POSTGRES = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
 SCREENSHOT = Path(__file__).resolve().parent / "artifacts" / "catalog_tagging_page.png"
 WAIT_S = 60
@@ -73,18 +67,8 @@ def airflow(seeded_catalog, airflow_metadata_url, tmp_path_factory):
 
 @pytest.fixture
 def browser():
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=1440,3800"):
-        options.add_argument(flag)
-    profile = tempfile.mkdtemp(prefix="chromium-profile-")
-    options.add_argument(f"--user-data-dir={profile}")
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    yield driver
-    driver.quit()
-    shutil.rmtree(profile, ignore_errors=True)
+    with chromium() as driver:
+        yield driver
 
 
 def test_anonymous_requests_get_no_catalog_data(airflow, seeded_catalog):
@@ -101,12 +85,7 @@ def test_anonymous_requests_get_no_catalog_data(airflow, seeded_catalog):
 def test_catalog_page_in_the_airflow_ui(airflow, seeded_catalog, browser):
     _, _, products, version = seeded_catalog
     wait = WebDriverWait(browser, WAIT_S)
-    _log_in(browser, wait, airflow)
-
-    wait.until(expected_conditions.element_to_be_clickable(
-        (By.XPATH, "//a[contains(@href, 'plugin/catalog-tagging')]"))).click()
-    wait.until(expected_conditions.frame_to_be_available_and_switch_to_it((By.TAG_NAME, "iframe")))
-    wait.until(expected_conditions.presence_of_element_located((By.ID, "registry-table")))
+    open_catalog_page(browser, wait, airflow)
 
     rows = browser.find_elements(By.CSS_SELECTOR, "#registry-table tbody tr")
     assert [row.get_attribute("data-version") for row in rows] == ["v004", "v003", "v002", "v001"]
@@ -125,7 +104,7 @@ def test_catalog_page_in_the_airflow_ui(airflow, seeded_catalog, browser):
     assert len(browser.find_elements(By.CSS_SELECTOR, "#runs-table tbody tr")) == 12
     assert browser.find_elements(By.CSS_SELECTOR, "#weak-spots tbody tr")
     assert len(browser.find_elements(By.CSS_SELECTOR, "#low-confidence .card")) == dashboard.LOW_CONFIDENCE_LIMIT
-    _wait_images_loaded(browser, wait, "#confusion-image, #low-confidence img")
+    wait_images_loaded(browser, wait, "#confusion-image, #low-confidence img")
 
     product_id = int(products["id"].iloc[0])
     field = browser.find_element(By.ID, "similar-product-id")
@@ -135,29 +114,11 @@ def test_catalog_page_in_the_airflow_ui(airflow, seeded_catalog, browser):
                == dashboard.SIMILAR_LIMIT)
     query_card = browser.find_element(By.CSS_SELECTOR, ".similar-query .card")
     assert query_card.get_attribute("data-product-id") == str(product_id)
-    _wait_images_loaded(browser, wait, "#similar-results img")
+    wait_images_loaded(browser, wait, "#similar-results img")
 
     browser.switch_to.default_content()
     SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
     browser.save_screenshot(str(SCREENSHOT))
-
-
-def _log_in(browser, wait, airflow: AirflowApiServer) -> None:
-    """Through the simple auth manager's login form, as a person would."""
-    user, (_, password) = next(iter(airflow.users.items()))
-    browser.get(airflow.base_url + "/")
-    wait.until(expected_conditions.presence_of_element_located((By.NAME, "username"))).send_keys(user)
-    browser.find_element(By.NAME, "password").send_keys(password)
-    browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
-    wait.until(lambda driver: driver.get_cookie("_token") is not None)
-
-
-def _wait_images_loaded(browser, wait, selector: str) -> None:
-    """Every matching <img> decoded (thumbnails and the confusion PNG came through the plugin)."""
-    script = ("return Array.from(document.querySelectorAll(arguments[0]))"
-              ".every(img => img.complete && img.naturalWidth > 0);")
-    browser.execute_script("document.querySelectorAll(arguments[0]).forEach(img => img.loading = 'eager');", selector)
-    wait.until(lambda driver: driver.execute_script(script, selector))
 
 
 def _answers(host: str, port: int) -> bool:

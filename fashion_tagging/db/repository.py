@@ -15,7 +15,6 @@ import json
 import math
 import struct
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import datetime
 
 import numpy as np
 import pandas as pd
@@ -39,7 +38,6 @@ TAG_COLUMNS = ("product_id", "model_version", "article_type", "article_type_conf
 _TAG_TYPES = ("int8", "text", "text", "float8", "jsonb", "bool", "bool", "text")
 EMBEDDING_COLUMNS = ("product_id", "model_version", "product_embedding", "run_id")
 _EMBEDDING_TYPES = ("int8", "text", "vector", "text")
-MODEL_STATUSES = ("registered", "promoted", "serving", "rejected", "retired")
 PROMOTION_LOCK_KEY = 0x46545F70726F  # pg advisory lock id: "FT_pro"
 # Held by every product write until it commits, and by the planner while it reads the newest
 # change_seq: a sequence number handed out but not yet committed can never be skipped by a range.
@@ -156,7 +154,7 @@ def upsert_products(conn: sa.Connection, frame: pd.DataFrame) -> int:
     """Insert or update catalog rows (styles.csv or products column names); returns rows written.
 
     Unchanged rows are left alone (``updated_at`` keeps its value), so a re-import neither
-    duplicates products nor makes them look new to :func:`products_needing_tags`.
+    duplicates products nor gives them a new ``change_seq`` (which would have them tagged again).
     """
     frame = frame.rename(columns=PRODUCT_COLUMN_MAP)
     columns = [c for c in PRODUCT_COLUMNS if c in frame.columns]
@@ -202,24 +200,6 @@ def fetch_products(conn: sa.Connection, product_ids: Sequence[int]) -> list[sa.R
 
 
 @accepts_engine
-def products_needing_tags(conn: sa.Connection, model_version: str, *, ingested_after: datetime | None = None,
-                          limit: int | None = None) -> list[int]:
-    """Ids of products with no tags from ``model_version`` yet, or changed since they were tagged."""
-    p, t = schema.products, schema.tags
-    query = (
-        sa.select(p.c.product_id)
-        .select_from(p.outerjoin(t, sa.and_(t.c.product_id == p.c.product_id, t.c.model_version == model_version)))
-        .where(sa.or_(t.c.product_id.is_(None), t.c.tagged_at < p.c.updated_at))
-        .order_by(p.c.product_id)
-    )
-    if ingested_after is not None:
-        query = query.where(p.c.ingested_at > ingested_after)
-    if limit is not None:
-        query = query.limit(limit)
-    return list(conn.execute(query).scalars())
-
-
-@accepts_engine
 def loaded_manifests(conn: sa.Connection) -> dict[str, str]:
     """Manifest key -> fingerprint of every manifest already loaded into ``products``."""
     ledger = schema.catalog_manifests
@@ -240,26 +220,6 @@ def mark_manifests_loaded(conn: sa.Connection, run_id: str, manifests: Sequence[
 
 
 # --- tags + embeddings ------------------------------------------------------------------------
-
-
-def _tag_and_embedding_rows(model_version: str, run_id: str, product_ids: Sequence[int], predictions):
-    heads = list(predictions.labels)
-    if PRIMARY_HEAD not in predictions.labels:
-        raise ValueError(f"predictions lack the primary head {PRIMARY_HEAD!r}")
-    if len(product_ids) != len(predictions.has_image):
-        raise ValueError(f"{len(product_ids)} product ids but {len(predictions.has_image)} predictions")
-    tag_rows, embedding_rows = [], []
-    for i, product_id in enumerate(product_ids):
-        head_json = {head: {"label": predictions.labels[head][i],
-                            "confidence": round(float(predictions.confidences[head][i]), 6),
-                            "top_k": [[label, float(score)] for label, score in predictions.top_k[head][i]]}
-                     for head in heads}
-        has_image = bool(predictions.has_image[i])
-        tag_rows.append((int(product_id), model_version, predictions.labels[PRIMARY_HEAD][i],
-                         float(predictions.confidences[PRIMARY_HEAD][i]), head_json, has_image,
-                         bool(predictions.has_text[i]), run_id))
-        embedding_rows.append((int(product_id), model_version, predictions.product_embeddings[i], run_id))
-    return tag_rows, embedding_rows
 
 
 @accepts_engine
@@ -303,7 +263,7 @@ def _text_field(value: str) -> bytes:
 def _encoded_rows(model_version: str, run_id: str, product_ids: Sequence[int], predictions) -> tuple[bytes, bytes]:
     """Binary COPY bodies of the tag and embedding rows, built without per-field dispatch.
 
-    The same bytes :func:`copy_rows` would send for :func:`_tag_and_embedding_rows`' rows (the
+    The same bytes :func:`copy_rows` would send for the plain rows (a test compares them; the
     heads JSON is assembled from pre-escaped labels; numbers as ``json`` writes them). Both write
     paths send these bodies: straight into the partition, or into the upsert's temp table.
     """
@@ -356,23 +316,6 @@ def _add_stats(conn: sa.Connection, model_version: str, predictions) -> None:
         DO UPDATE SET products = tag_stats.products + EXCLUDED.products
     """), {"version": model_version, "labels": [label for label, _ in keys], "bins": [b for _, b in keys],
            "counts": [counts[key] for key in keys]})
-
-
-@accepts_engine
-def write_tags_and_embeddings_plain(conn: sa.Connection, model_version: str, run_id: str,
-                                    product_ids: Sequence[int], predictions) -> int:
-    """The same upsert through SQLAlchemy executemany; only the benchmark uses it, for comparison."""
-    tag_rows, embedding_rows = _tag_and_embedding_rows(model_version, run_id, product_ids, predictions)
-    if not tag_rows:
-        return 0
-    ensure_version_partitions(conn, model_version)
-    for table, columns, rows in ((schema.tags, TAG_COLUMNS, tag_rows),
-                                 (schema.embeddings, EMBEDDING_COLUMNS, embedding_rows)):
-        statement = pg_insert(table)
-        updates = {c: statement.excluded[c] for c in columns if c not in ("product_id", "model_version")}
-        statement = statement.on_conflict_do_update(index_elements=["product_id", "model_version"], set_=updates)
-        conn.execute(statement, [dict(zip(columns, row, strict=True)) for row in rows])
-    return len(tag_rows)
 
 
 _CONFIDENCE_BIN_SQL = f"LEAST(width_bucket(article_type_confidence, 0.0, 1.0, {CONFIDENCE_BINS}), {CONFIDENCE_BINS})"
@@ -599,7 +542,7 @@ def advance_tagged_seq(conn: sa.Connection, model_version: str) -> int:
 
 @accepts_engine
 def record_errors(conn: sa.Connection, run_id: str, errors: Iterable) -> int:
-    """Store :class:`~fashion_tagging.catalog.RowError` s; the same error of the same run is kept once."""
+    """Store :class:`~fashion_tagging.errors.RowError` s; the same error of the same run is kept once."""
     rows = [{"run_id": run_id, "product_id": getattr(e, "product_id", None), "stage": e.stage,
              "reason": e.reason, "source": getattr(e, "source", None) or None} for e in errors]
     if not rows:
@@ -742,13 +685,6 @@ def reject_model(conn: sa.Connection, version: str, reason: str) -> None:
     if get_model(conn, version)["status"] in ("promoted", "serving"):
         raise ValueError(f"model {version!r} is promoted or serving: promote another version before rejecting it")
     conn.execute(mv.update().where(mv.c.version == version).values(status="rejected", gate_reason=reason))
-
-
-@accepts_engine
-def list_models(conn: sa.Connection) -> list[sa.RowMapping]:
-    """The registry, newest first."""
-    mv = schema.model_versions
-    return list(conn.execute(sa.select(mv).order_by(mv.c.created_at.desc(), mv.c.version.desc())).mappings())
 
 
 # --- similarity search ------------------------------------------------------------------------

@@ -28,6 +28,7 @@ STYLE_COLUMNS = (
     "baseColour", "season", "year", "usage", "productDisplayName",
 )
 REQUIRED_COLUMNS = ("id", "productDisplayName")
+MAX_PRODUCT_ID = 2**63 - 1  # products.product_id is a bigint
 # Photo files looked for, in this order; the decoders read the format from the bytes, not the name.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")
 _TAG_RE = re.compile(r"<[^>]+>")
@@ -99,12 +100,14 @@ def with_clean_labels(frame: pd.DataFrame, heads=HEADS) -> pd.DataFrame:
     return frame
 
 
-def validate_rows(frame: pd.DataFrame, source: str, *, row_offset: int = 2) -> tuple[pd.DataFrame, list[RowError]]:
+def validate_rows(frame: pd.DataFrame, source: str, *, row_offset: int = 2,
+                  problems: list[str | None] | None = None) -> tuple[pd.DataFrame, list[RowError]]:
     """Split raw string rows into valid products and :class:`RowError` s.
 
-    A row is rejected when its id is missing or not an integer, when its id repeats an earlier
-    row (the first one wins), or when it has no title. ``row_offset`` turns the frame position
-    into the line number a person sees in the file (header + 1-based).
+    A row is rejected when its id is missing, not an integer or beyond a bigint, when its id
+    repeats an earlier row (the first one wins), when ``problems`` (one entry per row) names one,
+    or when it has no title. ``row_offset`` turns the frame position into the line number a
+    person sees in the file (header + 1-based).
     """
     errors: list[RowError] = []
     keep: list[bool] = []
@@ -119,8 +122,14 @@ def validate_rows(frame: pd.DataFrame, source: str, *, row_offset: int = 2) -> t
             errors.append(RowError("missing product id", None, where))
         elif product_id is None:
             errors.append(RowError(f"product id is not an integer: {raw_id!r}", None, where))
+        elif product_id > MAX_PRODUCT_ID:
+            errors.append(RowError(f"product id is out of range (at most {MAX_PRODUCT_ID}): {raw_id!r}", None, where))
+            product_id = None
         elif product_id in seen:
             errors.append(RowError(f"duplicate product id {product_id} (first occurrence kept)", product_id, where))
+            product_id = None
+        elif problems is not None and problems[position]:
+            errors.append(RowError(problems[position], product_id, where))
             product_id = None
         elif not isinstance(title, str) or not title.strip():
             errors.append(RowError("missing product title", product_id, where))

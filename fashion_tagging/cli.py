@@ -101,13 +101,16 @@ def cmd_evaluate(args) -> int:
 
 def cmd_predict(args) -> int:
     from fashion_tagging.artifacts import Tagger
-    from fashion_tagging.images import decode_image
+    from fashion_tagging.images import ImageDecodeError, decode_image, read_photo_file
 
     settings = _settings(args)
     version, artifact_dir = model_artifact(settings, args.version)
     print(f"model {version}", file=sys.stderr)
     tagger = Tagger.load(artifact_dir)
-    images = [decode_image(Path(p).read_bytes(), tagger.image_size) if p else None for p in args.image or [None]]
+    try:  # the tagging path's decode rule and caps (byte cap before reading, pixel cap, EXIF)
+        images = [decode_image(read_photo_file(p), tagger.image_size) if p else None for p in args.image or [None]]
+    except ImageDecodeError as error:
+        raise UserError(str(error)) from None
     texts = args.text or [""] * len(images)
     if len(texts) != len(images):
         raise UserError("give as many --text as --image (use --text '' for an empty one)")

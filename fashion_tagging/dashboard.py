@@ -202,7 +202,7 @@ def low_confidence_products(conn: sa.Connection, version: str, limit: int = LOW_
         SELECT t.product_id, p.title,
                t.article_type AS label, t.article_type_confidence AS confidence
         FROM tags t JOIN products p ON p.product_id = t.product_id
-        WHERE t.model_version = :version
+        WHERE t.model_version = :version AND p.deleted_at IS NULL
         ORDER BY t.article_type_confidence, t.product_id
         LIMIT :limit
     """), {"version": version, "limit": limit}).mappings()
@@ -216,7 +216,7 @@ def catalog_counts(conn: sa.Connection, version: str | None) -> dict:
         WHERE details ? 'products_total' ORDER BY started_at DESC LIMIT 1
     """)).scalar()
     if products is None:  # no run counted yet: a young catalog, cheap to count
-        products = conn.execute(sa.text("SELECT count(*) FROM products")).scalar()
+        products = conn.execute(sa.text("SELECT count(*) FROM products WHERE deleted_at IS NULL")).scalar()
     tagged = conn.execute(sa.text("SELECT coalesce(sum(products), 0)::bigint FROM tag_stats "
                                   "WHERE model_version = :version"), {"version": version}).scalar()
     return {"products": int(products), "tagged": int(tagged)}
@@ -243,7 +243,7 @@ def overview(conn: sa.Connection) -> dict:
 
 
 def product_cards(conn: sa.Connection, product_ids: list[int], version: str | None) -> list[dict]:
-    """Title and predicted label of products, in the order of ``product_ids``."""
+    """Title and predicted label of products, in the order of ``product_ids`` (deleted ones left out)."""
     if not product_ids:
         return []
     rows = conn.execute(sa.text("""
@@ -251,7 +251,7 @@ def product_cards(conn: sa.Connection, product_ids: list[int], version: str | No
                t.article_type AS label, t.article_type_confidence AS confidence
         FROM products p
         LEFT JOIN tags t ON t.product_id = p.product_id AND t.model_version = :version
-        WHERE p.product_id = ANY(:ids)
+        WHERE p.product_id = ANY(:ids) AND p.deleted_at IS NULL
     """), {"ids": list(product_ids), "version": version}).mappings()
     by_id = {row["product_id"]: dict(row) for row in rows}
     return [by_id[product_id] for product_id in product_ids if product_id in by_id]
@@ -274,6 +274,7 @@ def similar_products(conn: sa.Connection, product_id: int, version: str | None,
 
 
 def image_key(conn: sa.Connection, product_id: int) -> str | None:
-    """Object-store key of a product photo; None when the product or its photo is missing."""
-    return conn.execute(sa.text("SELECT image_key FROM products WHERE product_id = :product_id"),
+    """Object-store key of a product photo; None when the product is missing or deleted, or has no photo."""
+    return conn.execute(sa.text("SELECT image_key FROM products WHERE product_id = :product_id "
+                                "AND deleted_at IS NULL"),
                         {"product_id": product_id}).scalar()

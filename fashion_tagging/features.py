@@ -11,18 +11,21 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from fashion_tagging.errors import RowError
-from fashion_tagging.images import file_image_dataset
+from fashion_tagging.images import DECODE_RULE, file_image_dataset
 from fashion_tagging.progress import ProgressLogger
 from fashion_tagging.settings import IMAGE_EMBEDDING_DIM
 
 log = logging.getLogger(__name__)
 CACHE_SUBDIR = "embeddings"
+# A photo the tf.data pass dropped without a reason (an exception outside decode_image's rule).
+UNEXPECTED_FAILURE = "cannot decode image: unexpected decode failure"
 
 
 @dataclasses.dataclass
@@ -49,8 +52,10 @@ def cache_path(cache_dir: Path, backbone: str, image_size: int) -> Path:
 
 
 def cache_serves(data, with_top_inputs: bool) -> bool:
-    """Whether an opened cache file can answer: one without last-block inputs cannot when they are needed."""
-    return "top_inputs" in data.files or not with_top_inputs
+    """Whether an opened cache file can answer: not one made from pixels of another decode rule
+    (tagging would see other pixels), nor one without last-block inputs when they are needed."""
+    same_rule = "decode_rule" in data.files and str(data["decode_rule"]) == DECODE_RULE
+    return same_rule and ("top_inputs" in data.files or not with_top_inputs)
 
 
 def cached_product_ids(cache_dir: Path, backbone: str, image_size: int, *, with_top_inputs: bool = False) -> set[int]:
@@ -63,8 +68,12 @@ def cached_product_ids(cache_dir: Path, backbone: str, image_size: int, *, with_
 
 
 def embed_image_files(paths: list[str], backbone, image_size: int, batch_size: int, *, progress: bool = True,
-                      with_top_inputs: bool = False):
-    """Run the backbone over image files; returns (vectors, top_inputs or None, ok), unreadable files not ok."""
+                      with_top_inputs: bool = False, reasons: dict[int, str] | None = None):
+    """Run the backbone over image files; returns (vectors, top_inputs or None, ok), unusable photos not ok.
+
+    Photos are decoded by ``images.decode_image``, the rule tagging uses. ``reasons``, when
+    given, receives {position: why} for every photo that is not ok (tagging's wording).
+    """
     from fashion_tagging.backbones import with_top_inputs_output
 
     vectors = np.zeros((len(paths), IMAGE_EMBEDDING_DIM), dtype=np.float32)
@@ -79,14 +88,19 @@ def embed_image_files(paths: list[str], backbone, image_size: int, batch_size: i
     # A terminal gets tqdm's bar; a task log (no ``progress``) a line every 30 s with rate and ETA.
     task_log = None if progress else ProgressLogger(len(paths), "img", log, every_s=30, label="image embeddings")
     with tqdm(total=len(paths), unit="img", desc="image embeddings", disable=not progress) as bar:
-        for indices, images in dataset:
+        for indices, images, failures in dataset:
+            # A rejected photo stays in its batch (white pixels) and its outputs are dropped:
+            # batches keep one shape, and rejections are rare.
             batch = model.predict_on_batch(images)
-            idx = indices.numpy()
+            idx, failures = indices.numpy(), failures.numpy()
+            good = failures == b""
             if with_top_inputs:
                 batch, cut = batch
-                top_inputs[idx] = np.asarray(cut, dtype=np.float16)
-            vectors[idx] = np.asarray(batch, dtype=np.float32)
-            ok[idx] = True
+                top_inputs[idx[good]] = np.asarray(cut, dtype=np.float16)[good]
+            vectors[idx[good]] = np.asarray(batch, dtype=np.float32)[good]
+            ok[idx[good]] = True
+            if reasons is not None:
+                reasons.update((int(i), why.decode("utf-8", "replace")) for i, why in zip(idx[~good], failures[~good]))
             bar.update(len(idx))
             if task_log is not None:
                 task_log.update(len(idx))
@@ -116,7 +130,8 @@ def catalog_image_embeddings(
                 cached_ids, cached_vectors = data["ids"], data["vectors"]
                 cached_top = data["top_inputs"] if "top_inputs" in data.files else None
             else:
-                log.info("embedding cache %s has no last-block inputs: rebuilding it with them", path)
+                log.info("embedding cache %s is from another photo decode rule or has no last-block inputs: "
+                         "rebuilding it", path)
         cached = {int(i): row for row, i in enumerate(cached_ids)}
     keep_top = with_top_inputs or cached_top is not None
 
@@ -145,8 +160,10 @@ def catalog_image_embeddings(
 
             backbone = build_backbone(backbone_name, image_size)
         log.info("embedding %d images with %s at %dpx (%d cached)", len(todo), backbone_name, image_size, len(cached))
+        reasons: dict[int, str] = {}
         new_vectors, new_top, ok = embed_image_files([image_paths[p] for p in todo], backbone, image_size,
-                                                     batch_size, progress=progress, with_top_inputs=keep_top)
+                                                     batch_size, progress=progress, with_top_inputs=keep_top,
+                                                     reasons=reasons)
         if with_top_inputs and top_inputs is None:
             top_inputs = np.zeros((len(product_ids), *new_top.shape[1:]), dtype=np.float16)
         for i, (position, good) in enumerate(zip(todo, ok, strict=True)):
@@ -156,10 +173,14 @@ def catalog_image_embeddings(
                     top_inputs[position] = new_top[i]
                 has_image[position] = True
             else:
-                errors.append(RowError("image file cannot be decoded", int(product_ids[position]),
-                                       str(image_paths[position]), stage="image"))
+                errors.append(RowError(reasons.get(i, UNEXPECTED_FAILURE),
+                                       int(product_ids[position]), str(image_paths[position]), stage="image"))
+        if not ok.all():
+            why = Counter(reasons.get(int(i), UNEXPECTED_FAILURE) for i in np.flatnonzero(~ok))
+            log.warning("%d of %d photos not usable (left image-less): %s", int((~ok).sum()), len(todo),
+                        "; ".join(f"{count} x {reason}" for reason, count in why.most_common(5)))
         new_ids = product_ids[todo][ok]
-        arrays = {"ids": np.concatenate([cached_ids, new_ids]),
+        arrays = {"decode_rule": np.array(DECODE_RULE), "ids": np.concatenate([cached_ids, new_ids]),
                   "vectors": np.concatenate([cached_vectors, new_vectors[ok].astype(np.float16)])}
         if keep_top:
             arrays["top_inputs"] = new_top[ok] if cached_top is None else np.concatenate([cached_top, new_top[ok]])

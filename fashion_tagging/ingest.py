@@ -5,6 +5,21 @@ A shop drops manifest files under ``settings.catalog_prefix`` and photos under
 chunks, with per-row errors (a malformed row never sinks the file, an unreadable file never sinks
 the others); :func:`read_manifests` gives the same rows as one frame.
 :func:`import_kaggle_catalog` builds such a catalog from the Kaggle folder, idempotently.
+
+The rules for faulty manifests (docs/STORAGE.md, "Catalog layout in a store"):
+
+* a bad row (id missing, not an integer or beyond a bigint; a repeated id; no title; a value of
+  the wrong type: ``year`` not a whole number 1-9999, text that is not text, ``split`` not
+  train/val/test, ``deleted`` not true/false) is a :class:`RowError` and the rest loads;
+* a manifest that is unreadable, lacks a required column, or (CSV, JSON Lines) does not end with
+  a line break, i.e. looks half-written, is rejected whole: nothing of it is loaded, one error
+  says why, and the ledger is not advanced, so it is read again (and reported again) every run
+  until it is rewritten;
+* a product in several manifests takes the values of the one latest in key order, whichever
+  night each arrived (``products.source`` remembers it);
+* a row with ``deleted`` true (only ``id`` needed) deletes the product: a tombstone
+  (``products.deleted_at``), its tags and embeddings dropped, hidden from every reader, never
+  tagged again unless a later manifest lists it again.
 """
 
 from __future__ import annotations
@@ -14,6 +29,7 @@ import datetime
 import hashlib
 import io
 import json
+import math
 import re
 from collections.abc import Collection, Iterable, Iterator
 from pathlib import Path, PurePosixPath
@@ -23,7 +39,8 @@ import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 
-from fashion_tagging.catalog import STYLE_COLUMNS, clean_html, load_kaggle_catalog, parse_csv_rows, validate_rows
+from fashion_tagging.catalog import MAX_PRODUCT_ID, STYLE_COLUMNS, clean_html, load_kaggle_catalog, parse_csv_rows, \
+    validate_rows
 from fashion_tagging.errors import RowError, describe_error
 from fashion_tagging.objectstore import ObjectStore, open_configured_store
 from fashion_tagging.settings import Settings, get_settings
@@ -32,6 +49,13 @@ MANIFEST_FORMATS = {"parquet": ".parquet", "csv": ".csv", "jsonl": ".jsonl"}
 MANIFEST_SUFFIXES = {".parquet": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl"}
 OPTIONAL_COLUMNS = ("brandName", "description", "image_key", "split")
 MANIFEST_COLUMNS = (*STYLE_COLUMNS, *OPTIONAL_COLUMNS)
+# A row with this column true is a deletion (tombstone): only its id is needed.
+TOMBSTONE_COLUMN = "deleted"
+READ_COLUMNS = (*MANIFEST_COLUMNS, TOMBSTONE_COLUMN)
+TEXT_COLUMNS = tuple(column for column in MANIFEST_COLUMNS if column not in ("id", "year"))
+SPLITS = ("train", "val", "test")
+MIN_YEAR, MAX_YEAR = 1, 9999
+_TRUE_WORDS, _FALSE_WORDS = ("true", "t", "yes", "y", "1"), ("false", "f", "no", "n", "0", "")
 IMAGE_SUFFIX = ".jpg"
 # Rows read, validated and upserted at a time: bounds memory whatever the manifest's size, and
 # big enough that a COPY + upsert per chunk costs little.
@@ -58,6 +82,7 @@ class CatalogSync:
     products_read: int
     products_written: int
     errors: list[RowError]
+    rejected: list[str] = dataclasses.field(default_factory=list)  # manifests rejected whole (not in the ledger)
 
 
 def import_kaggle_catalog(data_dir: str | Path, store: ObjectStore, *, limit: int | None = None,
@@ -146,10 +171,12 @@ def read_manifests(store: ObjectStore, prefix: str, *, since_keys: Collection[st
                    chunk_rows: int = MANIFEST_CHUNK_ROWS) -> tuple[pd.DataFrame, list[RowError]]:
     """All manifests under ``prefix`` (skipping ``since_keys``, the ones already processed) as one frame.
 
-    Malformed rows (unparseable, missing or non-integer id, duplicate id in a file, no title)
-    become ``RowError(stage="manifest", source="<key>#row<n>")``. A product in several manifests
-    takes its values from the last one in key order: that is how updates arrive. The frame holds
-    the whole catalog: for big ones, :func:`load_catalog_into_db` streams instead.
+    Malformed rows (unparseable, missing or non-integer id, duplicate id in a file, no title, a
+    value of the wrong type) become ``RowError(stage="manifest", source="<key>#row<n>")``; a
+    rejected manifest (unreadable, a required column missing, half-written) is one error and no
+    rows. A product in several manifests takes its values from the last one in key order: that
+    is how updates arrive; one whose last row is a deletion is left out. The frame holds the
+    whole catalog: for big ones, :func:`load_catalog_into_db` streams instead.
     """
     skip = set(since_keys or ())
     frames, errors = [], []
@@ -163,8 +190,9 @@ def read_manifests(store: ObjectStore, prefix: str, *, since_keys: Collection[st
             frames.extend(chunk for chunk in chunks if len(chunk))
     if not frames:
         return pd.DataFrame(columns=[*MANIFEST_COLUMNS, "source"]), errors
-    products = pd.concat(frames, ignore_index=True).drop_duplicates("id", keep="last").reset_index(drop=True)
-    return products, errors
+    products = pd.concat(frames, ignore_index=True).drop_duplicates("id", keep="last")
+    products = products[~products[TOMBSTONE_COLUMN].astype(bool)].drop(columns=TOMBSTONE_COLUMN)
+    return products.reset_index(drop=True), errors
 
 
 def load_catalog_into_db(conn: sa.Connection | sa.Engine, store: ObjectStore, *, prefix: str | None = None,
@@ -180,8 +208,11 @@ def load_catalog_into_db(conn: sa.Connection | sa.Engine, store: ObjectStore, *,
     rows at a time, in the caller's transaction; only product ids (8 bytes each) are kept, to
     spot repeats. Files go last key first and a product is written only from the last manifest
     holding it, so each is upserted once with its final values and the counts are what reading
-    everything at once gave. A file found unreadable half-way is rolled back to a savepoint: as
-    before, it adds one error and no products.
+    everything at once gave. A file rejected whole (unreadable, even half-way; a required column
+    missing; half-written) is rolled back to a savepoint: it adds one error and no products, and
+    stays out of the ledger, so the next load reads it again. Rows with ``deleted`` true become
+    tombstones (:func:`repository.delete_products`). Across loads the manifest latest in key
+    order keeps a product (:func:`repository.upsert_products` compares ``products.source``).
     """
     from fashion_tagging.db import repository
 
@@ -198,7 +229,7 @@ def load_catalog_into_db(conn: sa.Connection | sa.Engine, store: ObjectStore, *,
     skip = set(since_keys)
     keys = [key for key in fingerprints if key not in skip]
     written_later = _IdSet()  # ids already written from a manifest later in key order: theirs win
-    products, written, file_errors = {}, 0, {}
+    products, written, file_errors, rejected = {}, 0, {}, []
     for key in reversed(keys):
         reader = ManifestReader(store, key, chunk_rows=chunk_rows)
         file_products = file_written = 0
@@ -206,7 +237,7 @@ def load_catalog_into_db(conn: sa.Connection | sa.Engine, store: ObjectStore, *,
             for chunk in reader:
                 chunk = chunk[~written_later.contains(chunk["id"])]
                 if len(chunk):
-                    file_written += repository.upsert_products(conn, chunk)
+                    file_written += _write_chunk(conn, chunk, key)
                     file_products += len(chunk)
             if reader.failed:
                 savepoint.rollback()
@@ -215,22 +246,39 @@ def load_catalog_into_db(conn: sa.Connection | sa.Engine, store: ObjectStore, *,
             written_later.update(reader.ids)
         products[key], file_errors[key] = file_products, reader.errors
         written += file_written
+        if reader.failed:
+            rejected.append(key)
     errors = [error for key in keys for error in file_errors[key]]
     repository.record_errors(conn, run_id, errors)
     repository.mark_manifests_loaded(conn, run_id, [
         {"key": key, "fingerprint": fingerprints[key], "products": products[key], "errors": len(file_errors[key])}
-        for key in keys])
+        for key in keys if key not in rejected])
     return CatalogSync(manifest_keys=keys, products_read=sum(products.values()), products_written=written,
-                       errors=errors)
+                       errors=errors, rejected=sorted(rejected))
+
+
+def _write_chunk(conn: sa.Connection, chunk: pd.DataFrame, key: str) -> int:
+    """Upsert a chunk's products and tombstone its deletions; returns the rows that changed."""
+    from fashion_tagging.db import repository
+
+    deleted = chunk[TOMBSTONE_COLUMN].to_numpy(dtype=bool)
+    written = 0
+    if not deleted.all():
+        written += repository.upsert_products(conn, chunk.loc[~deleted].drop(columns=TOMBSTONE_COLUMN))
+    if deleted.any():
+        written += repository.delete_products(conn, chunk.loc[deleted, "id"].tolist(), source=key)
+    return written
 
 
 class ManifestReader:
     """One manifest, read ``chunk_rows`` rows at a time: iterating yields its valid products.
 
     Errors and row numbers are the same as for the file read whole (a duplicate id is caught
-    across chunks too). Once iterated: ``errors`` in file order; ``failed`` when the file could
-    not be read, in which case the chunks already yielded must be discarded and ``errors`` is
-    that one error; ``ids``, the valid product ids.
+    across chunks too). Once iterated: ``errors`` in file order; ``failed`` when the file is
+    rejected whole (unreadable, a required column missing, a CSV / JSON Lines file not ending
+    with a line break: half-written), in which case the chunks already yielded must be discarded
+    and ``errors`` is that one error; ``ids``, the valid product ids (deletions included).
+    Each chunk has the :data:`READ_COLUMNS` (``deleted`` a bool) plus ``source``.
     """
 
     def __init__(self, store: ObjectStore, key: str, *, chunk_rows: int = MANIFEST_CHUNK_ROWS):
@@ -248,7 +296,11 @@ class ManifestReader:
             return
         parse_errors, row_errors, columns = [], [], set()
         columns_known = self.manifest_format != "jsonl"  # CSV header / Parquet schema: all columns up front
+        tail = None  # text formats: the bytes read, to tell a file cut off mid-line (Parquet has its footer)
         with handle:
+            if self.manifest_format != "parquet":
+                tail = _TailTracker(handle)
+                handle = io.BufferedReader(tail, buffer_size=1 << 20)
             chunks = _parse_chunks(handle, self.manifest_format, self.key, self.chunk_rows)
             while True:
                 try:
@@ -268,21 +320,32 @@ class ManifestReader:
                     yield valid
         missing = _missing_columns(columns)
         if missing:
-            self.errors = [*parse_errors, RowError(f"manifest lacks required columns {missing}", None, self.key,
-                                                   "manifest")]
+            found = ", ".join(sorted(map(str, columns))[:20]) or "none"
+            self._reject(f"manifest lacks required columns {missing} (its columns: {found})")
+        elif tail is not None and tail.size and tail.last_byte not in (b"\n", b"\r"):
+            self._reject("manifest does not end with a line break: it looks half-written (cut off mid-line)")
         else:
             self.errors = [*parse_errors, *row_errors]
 
     def _unreadable(self, error: Exception) -> None:
+        self._reject(f"unreadable {self.manifest_format} manifest: {describe_error(error)}")
+
+    def _reject(self, reason: str) -> None:
+        """The whole file is refused: one error, no rows; read again once rewritten (or next run)."""
         self.failed = True
-        self.errors = [RowError(f"unreadable {self.manifest_format} manifest: {describe_error(error)}", None,
-                                self.key, "manifest")]
+        self.errors = [RowError(f"{reason}; nothing of it was loaded", None, self.key, "manifest")]
 
     def _validate(self, raw: pd.DataFrame, row_numbers: list[int]) -> tuple[pd.DataFrame, list[RowError]]:
-        for column in MANIFEST_COLUMNS:
+        for column in READ_COLUMNS:
             if column not in raw.columns:
                 raw[column] = None
-        raw = raw[list(MANIFEST_COLUMNS)].reset_index(drop=True)
+        raw = raw[list(READ_COLUMNS)].reset_index(drop=True)
+        deleted, problems = _check_types(raw)
+        if deleted.any():  # a deletion needs its id only
+            titles = raw["productDisplayName"].tolist()
+            raw["productDisplayName"] = [
+                title if not gone or (isinstance(title, str) and title.strip()) else "(deleted)"
+                for title, gone in zip(titles, deleted, strict=True)]
         # Rows repeating an id kept in an earlier chunk get validate_rows' own duplicate error
         # (it checks duplicates before titles, so taking them out first changes nothing else).
         ids = [_product_id(value) for value in raw["id"]]
@@ -290,12 +353,15 @@ class ManifestReader:
         errors = [RowError(f"duplicate product id {ids[p]} (first occurrence kept)", ids[p],
                            f"{self.key}#row{row_numbers[p]}", "manifest") for p in np.flatnonzero(repeated)]
         kept_numbers = [number for number, again in zip(row_numbers, repeated, strict=True) if not again]
-        valid, row_errors = validate_rows(raw.loc[~repeated].reset_index(drop=True), self.key, row_offset=0)
+        kept_problems = [problem for problem, again in zip(problems, repeated, strict=True) if not again]
+        valid, row_errors = validate_rows(raw.loc[~repeated].reset_index(drop=True), self.key, row_offset=0,
+                                          problems=kept_problems)
         errors += [_with_row_number(error, self.key, kept_numbers) for error in row_errors]
         errors.sort(key=_row_of)
         valid["description"] = valid["description"].map(clean_html)
         valid["year"] = pd.to_numeric(valid["year"], errors="coerce").astype("Int64")
         valid["image_key"] = valid["image_key"].map(lambda k: k.strip() if isinstance(k, str) and k.strip() else None)
+        valid[TOMBSTONE_COLUMN] = valid[TOMBSTONE_COLUMN].astype(bool)
         valid["source"] = self.key
         self.ids.add(valid["id"].to_numpy(dtype=np.int64))
         return valid, errors
@@ -366,7 +432,7 @@ def _parse_parquet(handle: BinaryIO, chunk_rows: int) -> Iterator[tuple[pd.DataF
 
     parquet = pq.ParquetFile(handle)
     columns = list(parquet.schema_arrow.empty_table().to_pandas().columns)  # as pd.read_parquet names them
-    wanted = [column for column in MANIFEST_COLUMNS if column in columns]
+    wanted = [column for column in READ_COLUMNS if column in columns]
     if _missing_columns(wanted):
         yield pd.DataFrame(columns=columns, dtype=object), [], []
         return
@@ -423,13 +489,160 @@ def _records_frame(records: list[dict]) -> pd.DataFrame:
 
 
 def _missing_columns(columns: Collection[str]) -> list[str]:
-    return [column for column in ("id", "productDisplayName") if column not in columns]
+    """Required columns absent: ``id`` and ``productDisplayName``, or just ``id`` with a ``deleted`` column
+    (a deletions manifest; a row of it that is not a deletion still needs its title)."""
+    required = ("id",) if TOMBSTONE_COLUMN in columns else ("id", "productDisplayName")
+    return [column for column in required if column not in columns]
 
 
 def _product_id(raw_id) -> int | None:
-    """The id as :func:`validate_rows` reads it (None when it is missing or not an integer)."""
+    """The id as :func:`validate_rows` reads it (None when it is missing, not an integer or beyond a bigint)."""
     raw_id = "" if raw_id is None or (isinstance(raw_id, float) and pd.isna(raw_id)) else str(raw_id).strip()
-    return int(raw_id) if re.fullmatch(r"\d+", raw_id) else None
+    product_id = int(raw_id) if re.fullmatch(r"\d+", raw_id) else None
+    return product_id if product_id is not None and product_id <= MAX_PRODUCT_ID else None
+
+
+class _TailTracker(io.RawIOBase):
+    """A binary file passed through, counting its bytes and keeping the last one."""
+
+    def __init__(self, raw: BinaryIO):
+        self._raw, self.size, self.last_byte = raw, 0, b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self._raw.read(len(buffer))
+        count = len(data)
+        buffer[:count] = data
+        if count:
+            self.size += count
+            self.last_byte = data[-1:]
+        return count
+
+
+def _check_types(raw: pd.DataFrame) -> tuple[np.ndarray, list[str | None]]:
+    """Per-row value checks of a chunk, normalising values in place: (is a deletion, first problem) per row.
+
+    CSV values are all text, so a CSV chunk costs a type scan per column; Parquet and JSON Lines
+    values are typed: a whole number where text is expected becomes its digits, an integral float
+    id or year its integer; anything else of the wrong type is the row's problem. A deletion is
+    checked for its ``deleted`` value only (and its id, by :func:`validate_rows`).
+    """
+    problems: list[str | None] = [None] * len(raw)
+
+    def problem(row: int, text: str) -> None:
+        if problems[row] is None and not deleted[row]:
+            problems[row] = text
+
+    deleted = np.zeros(len(raw), dtype=bool)
+    values = raw[TOMBSTONE_COLUMN].tolist()
+    if not _all_missing(values):
+        for row, value in enumerate(values):
+            flag = _flag(value)
+            if flag is None:
+                problem(row, f"{TOMBSTONE_COLUMN} must be true or false, not {_shown(value)}")
+            deleted[row] = bool(flag)
+    raw[TOMBSTONE_COLUMN] = deleted
+    if not _types(raw["id"]) <= {str, type(None)}:
+        raw["id"] = _objects(raw, [_integral(value) for value in raw["id"]])
+    for column in TEXT_COLUMNS:
+        values = raw[column].tolist()
+        if _types(values) <= {str, type(None)}:
+            continue
+        texts = []
+        for row, value in enumerate(values):
+            if _missing(value) or isinstance(value, str):
+                texts.append(None if _missing(value) else value)
+            elif _whole(value):
+                texts.append(str(int(value)))
+            else:
+                texts.append(None)
+                problem(row, f"{column} must be text, not {_shown(value)}")
+        raw[column] = _objects(raw, texts)
+    values = raw["year"].tolist()
+    if not _all_missing(values):
+        years = []
+        for row, value in enumerate(values):
+            year = _year(value)
+            if year is False:
+                problem(row, f"year must be a whole number from {MIN_YEAR} to {MAX_YEAR}, not {_shown(value)}")
+            years.append(None if year is False else year)
+        raw["year"] = _objects(raw, years)
+    values = raw["split"].tolist()
+    if not _all_missing(values):
+        splits = []
+        for row, value in enumerate(values):
+            split = value.strip() if isinstance(value, str) else None
+            if split and split not in SPLITS:
+                problem(row, f"split must be one of {', '.join(SPLITS)} (or empty), not {_shown(value)}")
+            splits.append(split or None)
+        raw["split"] = _objects(raw, splits)
+    return deleted, problems
+
+
+def _objects(frame: pd.DataFrame, values: list) -> pd.Series:
+    """A column of these values as they are (a list with ints and None would otherwise become floats)."""
+    return pd.Series(values, index=frame.index, dtype=object)
+
+
+def _types(values) -> set[type]:
+    return set(map(type, values))
+
+
+def _all_missing(values) -> bool:
+    return _types(values) <= {type(None)} or all(_missing(value) for value in values)
+
+
+def _missing(value) -> bool:
+    return value is None or value is pd.NA or value is pd.NaT or (
+        isinstance(value, (float, np.floating)) and math.isnan(value))
+
+
+def _whole(value) -> bool:
+    """An integer (Python or numpy), not a bool."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _integral(value):
+    """An integral float (a Parquet / JSON number column with nulls) as its int; anything else unchanged."""
+    if isinstance(value, (float, np.floating)) and math.isfinite(value) and float(value).is_integer():
+        return int(value)
+    return value
+
+
+def _flag(value) -> bool | None:
+    """A ``deleted`` value as a bool (missing: False); None when it is not a yes/no value."""
+    if _missing(value):
+        return False
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, float, np.integer, np.floating)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in (*_TRUE_WORDS, *_FALSE_WORDS):
+        return value.strip().lower() in _TRUE_WORDS
+    return None
+
+
+def _year(value) -> int | None | bool:
+    """A ``year`` value: its int, None when missing, False when it is not a whole number in range."""
+    if _missing(value) or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, str):
+        match = re.fullmatch(r"(\d+)(?:\.0*)?", value.strip())
+        year = int(match.group(1)) if match else None
+    elif _whole(value):
+        year = int(value)
+    else:
+        year = _integral(value) if isinstance(value, (float, np.floating)) else None
+        year = year if _whole(year) else None
+    return year if year is not None and MIN_YEAR <= year <= MAX_YEAR else False
+
+
+def _shown(value) -> str:
+    """A wrong value as an error shows it: its type and a bounded repr."""
+    text = repr(value)
+    return f"{type(value).__name__} {text[:60] + '...' if len(text) > 60 else text}"
 
 
 def _row_of(error: RowError) -> int:

@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 import threading
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,11 +24,22 @@ if TYPE_CHECKING:
     from fashion_tagging.settings import Settings
 
 DEFAULT_MAX_CONCURRENCY = 16
-# "adaptive" = standard retries (throttling, 5xx, connection errors) + client-side rate limiting,
-# which is what a burst of thousands of small GETs against a throttling bucket needs.
+# Request retries are botocore's, configured here and nowhere else; the one loop of our own resumes
+# a body cut off mid-read, which botocore never retries (S3Store._download_into).
+# "adaptive" = "standard" retries (503 SlowDown and other throttling, 500/502/503/504, connection
+# resets, connect and read timeouts; jittered exponential backoff, 1 s base for throttling, 50 ms
+# otherwise; a per-client retry quota so an outage fails fast instead of multiplying the load) plus
+# client-side rate limiting once the bucket throttles, which is what a burst of thousands of small
+# photo GETs from 16 threads needs. The limiter costs nothing until the first throttling reply; after
+# one it slows the whole client for a few seconds (to ~10 GET/s when the client had just started).
 S3_RETRY_MODE = "adaptive"
+# 8 attempts (7 retries): a 5xx or reset costs a call at most ~6 s of backoff (50 ms x 2^i), a
+# SlowDown streak up to ~70 s (1 s x 2^i, capped at 20 s; ~35 s on average) before the call fails
+# (a photo is then recorded and its product queued again). A long outage spends the retry quota
+# first (500 units, 14 per retry, 5 per throttled retry; successes refill it) and fails fast.
 S3_MAX_ATTEMPTS = 8
 S3_CONNECT_TIMEOUT_S = 10
+# Per socket read (not per object): a stalled connection is dropped after this long and retried.
 S3_READ_TIMEOUT_S = 60
 # Managed transfers: objects from this size up go multipart (parallel parts, a failed part is
 # retried alone, no 5 GB single-PUT limit); below it one PUT, as before.
@@ -51,6 +63,28 @@ class ObjectStore(abc.ABC):
     def __init__(self, url: str, max_concurrency: int = DEFAULT_MAX_CONCURRENCY):
         self.url = url.rstrip("/")
         self.max_concurrency = max(1, int(max_concurrency))
+        self._retry_counts: Counter[str] = Counter()
+        self._retry_lock = threading.Lock()
+
+    @property
+    def retry_counts(self) -> dict[str, int]:
+        """Retries this store needed so far, by operation.
+
+        botocore's retries count under the operation's name (``GetObject``, ``ListObjectsV2``,
+        ``PutObject``, ``HeadObject``...), bodies cut off mid-read under ``resumed_reads``.
+        Always empty for a local directory.
+        """
+        with self._retry_lock:
+            return dict(self._retry_counts)
+
+    @property
+    def retries(self) -> int:
+        """Total of :attr:`retry_counts`: how many requests had to be sent again."""
+        return sum(self.retry_counts.values())
+
+    def _count_retry(self, operation: str) -> None:
+        with self._retry_lock:
+            self._retry_counts[operation] += 1
 
     @abc.abstractmethod
     def list_keys(self, prefix: str = "") -> list[str]:
@@ -98,19 +132,31 @@ class ObjectStore(abc.ABC):
         """Absolute URI of a key, e.g. for error rows and the model registry."""
         return f"{self.url}/{key.lstrip('/')}"
 
-    def get_many(self, keys: Iterable[str], *, max_workers: int | None = None) -> dict[str, bytes | Exception]:
-        """Fetch many objects concurrently (bounded pool); a failing key maps to its exception."""
+    def get_many(self, keys: Iterable[str], *, max_workers: int | None = None,
+                 max_bytes: int | None = None) -> dict[str, bytes | Exception]:
+        """Fetch many objects concurrently (bounded pool); a failing key maps to its exception.
+
+        ``max_bytes``: read at most that many bytes of each (:meth:`get_head`).
+        """
         unique_keys = list(dict.fromkeys(keys))
         if not unique_keys:
             return {}
         workers = min(max_workers or self.max_concurrency, len(unique_keys))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="store-get") as pool:
-            results = pool.map(self._get_or_exception, unique_keys)
+            results = pool.map(lambda key: self._get_or_exception(key, max_bytes), unique_keys)
             return dict(zip(unique_keys, results))
 
-    def _get_or_exception(self, key: str) -> bytes | Exception:
+    def get_head(self, key: str, max_bytes: int) -> bytes:
+        """At most the first ``max_bytes`` bytes of an object, never reading the rest of it.
+
+        A caller that must refuse huge objects (photos) asks for one byte more than it accepts.
+        """
+        with self.open(key) as handle:
+            return handle.read(max_bytes)
+
+    def _get_or_exception(self, key: str, max_bytes: int | None = None) -> bytes | Exception:
         try:
-            return self.get(key)
+            return self.get(key) if max_bytes is None else self.get_head(key, max_bytes)
         except Exception as error:  # returned to the caller, who records it per key
             return error
 
@@ -213,12 +259,18 @@ class S3Store(ObjectStore):
 
     def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None,
                  max_concurrency: int = DEFAULT_MAX_CONCURRENCY, multipart_threshold: int = S3_MULTIPART_THRESHOLD,
-                 multipart_chunksize: int = S3_MULTIPART_CHUNKSIZE):
+                 multipart_chunksize: int = S3_MULTIPART_CHUNKSIZE, retry_mode: str = S3_RETRY_MODE,
+                 max_attempts: int = S3_MAX_ATTEMPTS, connect_timeout: float = S3_CONNECT_TIMEOUT_S,
+                 read_timeout: float = S3_READ_TIMEOUT_S):
         self.bucket = bucket
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         self.endpoint_url = endpoint_url
         self.multipart_threshold = int(multipart_threshold)
         self.multipart_chunksize = int(multipart_chunksize)
+        self.retry_mode = retry_mode
+        self.max_attempts = max(1, int(max_attempts))
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
         super().__init__(f"s3://{bucket}/{self.prefix}", max_concurrency)
         self._client = None
         self._client_pid = None
@@ -233,14 +285,21 @@ class S3Store(ObjectStore):
                 from botocore.config import Config
 
                 config = Config(
-                    retries={"mode": S3_RETRY_MODE, "max_attempts": S3_MAX_ATTEMPTS},
+                    # total_max_attempts counts the first try; botocore's "max_attempts" key counts retries
+                    retries={"mode": self.retry_mode, "total_max_attempts": self.max_attempts},
                     max_pool_connections=self.max_concurrency,
-                    connect_timeout=S3_CONNECT_TIMEOUT_S,
-                    read_timeout=S3_READ_TIMEOUT_S,
+                    connect_timeout=self.connect_timeout,
+                    read_timeout=self.read_timeout,
                 )
-                self._client = boto3.session.Session().client("s3", endpoint_url=self.endpoint_url, config=config)
-                self._client_pid = os.getpid()
+                client = boto3.session.Session().client("s3", endpoint_url=self.endpoint_url, config=config)
+                client.meta.events.register("request-created.s3", self._count_botocore_retry)
+                self._client, self._client_pid = client, os.getpid()
             return self._client
+
+    def _count_botocore_retry(self, request, operation_name: str, **_) -> None:
+        """botocore builds a new request for every attempt and numbers it in the call's retry context."""
+        if (getattr(request, "context", None) or {}).get("retries", {}).get("attempt", 1) > 1:
+            self._count_retry(operation_name)
 
     @property
     def transfer_config(self):
@@ -269,12 +328,18 @@ class S3Store(ObjectStore):
         return dict(items)
 
     def get(self, key: str) -> bytes:
+        buffer = io.BytesIO()
+        self._download_into(key, buffer)  # a body cut off mid-read resumes instead of failing the read
+        return buffer.getvalue()
+
+    def get_head(self, key: str, max_bytes: int) -> bytes:
+        """The GET with its retries and resume, stopped (its body closed) once ``max_bytes`` arrived."""
+        sink = _CappedSink(max_bytes)
         try:
-            return self.client.get_object(Bucket=self.bucket, Key=self._full_key(key))["Body"].read()
-        except Exception as error:
-            if _is_s3_missing(error):
-                raise ObjectNotFound(self.uri(key)) from None
-            raise
+            self._download_into(key, sink)
+        except _CapReached:
+            pass
+        return sink.getvalue()
 
     def open(self, key: str) -> BinaryIO:
         """The object spooled to an anonymous temp file: bounded memory, and seekable (Parquet needs that)."""
@@ -302,15 +367,18 @@ class S3Store(ObjectStore):
     def _download_into(self, key: str, handle: BinaryIO) -> None:
         """Stream one GET into ``handle`` block by block, never holding the object in memory.
 
-        A connection dropped mid-body (which botocore does not retry) resumes with a ranged GET
-        pinned to the first response's ETag, so a rewrite in between fails instead of mixing
-        two versions. No HEAD request.
+        A connection dropped mid-body (which botocore does not retry: its retries end when the
+        headers arrive) resumes with a ranged GET pinned to the first response's ETag, so a
+        rewrite in between fails instead of mixing two versions; at most ``max_attempts`` reads,
+        each counted in :attr:`retry_counts` as ``resumed_reads``. No HEAD request.
         """
         from botocore.exceptions import HTTPClientError, IncompleteReadError
 
         request = {"Bucket": self.bucket, "Key": self._full_key(key)}
         written = 0
-        for attempt in range(1, S3_MAX_ATTEMPTS + 1):
+        for attempt in range(1, self.max_attempts + 1):
+            if attempt > 1:
+                self._count_retry("resumed_reads")
             try:
                 response = self.client.get_object(**request)
             except Exception as error:
@@ -324,7 +392,7 @@ class S3Store(ObjectStore):
                     written += len(block)
                 return
             except (HTTPClientError, IncompleteReadError, ConnectionError):
-                if attempt == S3_MAX_ATTEMPTS:
+                if attempt == self.max_attempts:
                     raise
                 request.update(Range=f"bytes={written}-", IfMatch=response["ETag"])
             finally:
@@ -468,3 +536,22 @@ def _is_s3_missing(error: Exception) -> bool:
 
 __all__: Sequence[str] = ("ObjectNotFound", "ObjectStore", "LocalStore", "S3Store", "open_store", "open_configured_store",
                           "local_path", "open_uri")
+
+
+class _CapReached(Exception):
+    """Raised by :class:`_CappedSink` to stop a download at its byte cap."""
+
+
+class _CappedSink(io.BytesIO):
+    """A write-only buffer that keeps ``limit`` bytes, then stops the writer with :class:`_CapReached`."""
+
+    def __init__(self, limit: int):
+        super().__init__()
+        self.limit = limit
+
+    def write(self, block) -> int:
+        room = self.limit - self.tell()
+        super().write(bytes(block[:room]))
+        if len(block) >= room:
+            raise _CapReached
+        return len(block)

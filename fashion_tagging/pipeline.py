@@ -55,7 +55,8 @@ def _now_iso() -> str:
 def ingest_new_manifests(settings: Settings, run_id: str) -> dict:
     """Upsert the products of manifests new or rewritten since the last ingest (the manifest ledger).
 
-    Bad rows are recorded under ``run_id``.
+    Bad rows are recorded under ``run_id``; manifests rejected whole (unreadable, a required
+    column missing, half-written) are named in ``rejected_manifests`` and read again next run.
     """
     from fashion_tagging.ingest import load_catalog_into_db
     from fashion_tagging.objectstore import open_configured_store
@@ -63,8 +64,11 @@ def ingest_new_manifests(settings: Settings, run_id: str) -> dict:
     with catalog_engine(settings).begin() as conn:
         sync = load_catalog_into_db(conn, open_configured_store(settings), prefix=settings.catalog_prefix,
                                     run_id=run_id)
+    if sync.rejected:
+        log.warning("manifests rejected whole (see product_errors, run %s): %s", run_id, ", ".join(sync.rejected))
     return {"manifests": sync.manifest_keys, "products_read": sync.products_read,
-            "products_written": sync.products_written, "row_errors": len(sync.errors)}
+            "products_written": sync.products_written, "row_errors": len(sync.errors),
+            "rejected_manifests": sync.rejected}
 
 
 def discover_tagging_work(settings: Settings, run_id: str | None = None) -> dict:
@@ -141,6 +145,10 @@ def finish_tagging_run(settings: Settings, discovered: dict) -> dict:
     then serving), building its indexes, and records the run ``success`` or
     ``failed`` with every unfinished batch named with its error. ``more_work`` says whether the
     backlog exceeded this run's cap (the DAG then schedules itself again).
+
+    A batch ``superseded`` (its version was retired by a promotion during the run: it stopped
+    without writing, its rows were dropped with the version) is not a failure; the summary
+    counts them, and the newly promoted version's backfill is planned by the next run.
     """
     from fashion_tagging.db import repository
 
@@ -164,7 +172,7 @@ def finish_tagging_run(settings: Settings, discovered: dict) -> dict:
     failed = [{"batch_id": int(b["batch_id"]), "model_version": b["model_version"],
                "change_seq": [int(b["seq_from"]), int(b["seq_to"])], "status": b["status"],
                "error": b["error"] or "did not finish (worker lost or task not run)"}
-              for b in batches if b["status"] != "done"]
+              for b in batches if b["status"] not in ("done", "superseded")]
     tagged = sum(int(b["tagged"]) for b in batches)
     wall = (dt.datetime.now(dt.UTC) - dt.datetime.fromisoformat(discovered["started_at"])).total_seconds()
     busy = sum(float(b["seconds"]) for b in batches)
@@ -172,6 +180,7 @@ def finish_tagging_run(settings: Settings, discovered: dict) -> dict:
         "run_id": run_id, "status": "failed" if failed else "success",
         "model_version": next(iter(b["model_version"] for b in batches), None),
         "batches": len(batches), "failed_batches": failed,
+        "superseded_batches": sum(b["status"] == "superseded" for b in batches),
         "products_seen": sum(int(b["products"]) for b in batches), "products_tagged": tagged,
         "text_only": sum(int(b["text_only"]) for b in batches), "errors": sum(int(b["errors"]) for b in batches),
         "seconds": round(wall, 2), "batch_seconds": round(busy, 2),
@@ -179,7 +188,9 @@ def finish_tagging_run(settings: Settings, discovered: dict) -> dict:
         "products_per_batch_second": round(tagged / busy, 1) if busy else None,
         "versions": versions, "activated": activated, "ingested": discovered.get("ingested"),
         "products_total": discovered.get("products_total"),
-        "more_work": bool(not failed and tagged and any(not v["covers_catalog"] for v in versions.values())),
+        # a run cut short by a promotion (superseded batches) has the new version's backfill ahead
+        "more_work": bool(not failed and (tagged or any(b["status"] == "superseded" for b in batches))
+                          and any(not v["covers_catalog"] for v in versions.values())),
     }
     if not batches:
         summary["nothing_to_do"] = "no model promoted or serving yet" if not versions else "nothing new to tag"
@@ -195,7 +206,7 @@ def finish_tagging_run(settings: Settings, discovered: dict) -> dict:
 
 
 def snapshot_training_data(settings: Settings) -> dict:
-    """Freeze the labelled catalog (rows with a split) into a Parquet object in the store."""
+    """Freeze the labelled catalog (rows with a split, deleted ones left out) into a Parquet object in the store."""
     import io
 
     import pandas as pd
@@ -209,7 +220,8 @@ def snapshot_training_data(settings: Settings) -> dict:
     ingested = ingest_new_manifests(settings, f"snapshot-{snapshot_id}")
     engine = catalog_engine(settings)
     columns = [products.c[name].label(alias) for alias, name in PRODUCT_COLUMN_MAP.items() if alias != "source"]
-    query = sa.select(*columns).where(products.c.split.is_not(None)).order_by(products.c.product_id)
+    query = sa.select(*columns).where(products.c.split.is_not(None), products.c.deleted_at.is_(None)) \
+        .order_by(products.c.product_id)
     with engine.connect() as conn:
         frame = pd.read_sql(query, conn)
     if frame.empty:

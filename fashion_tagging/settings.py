@@ -4,6 +4,11 @@ Defaults are the embedded, no-cloud set-up: a local directory as the object stor
 PostgreSQL (with pgvector) under the state directory, the Kaggle catalog in ``../shared``.
 Point ``FT_DATABASE_URL`` / ``FT_OBJECT_STORE_URL`` elsewhere for a real deployment.
 
+Those embedded defaults are the *local* mode only (``FT_MODE``): where Airflow runs a distributed
+executor (Celery, Kubernetes, Edge, AWS; :func:`detected_mode`) the mode is ``distributed`` and a
+worker without ``FT_DATABASE_URL`` or a shared ``FT_OBJECT_STORE_URL`` refuses to start, naming
+what is missing, instead of starting a throw-away PostgreSQL or writing to its own disk.
+
 Values are validated when the settings are built (CLI start, DAG parse, task start): a bad one
 raises :class:`SettingsError` with one line per bad variable, e.g.
 ``FT_IMAGE_SIZE='abc': must be a whole number``. ``python -m fashion_tagging.settings`` prints
@@ -12,13 +17,14 @@ the Markdown table of every variable (:func:`settings_table`).
 
 from __future__ import annotations
 
+import configparser
 import os
 from pathlib import Path
 from typing import Literal, get_args
 from urllib.parse import urlparse
 
 import annotated_types
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -39,6 +45,12 @@ MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 32, 600
 # Airflow's default [core] max_map_length: mapped tagging tasks per run stay within it.
 MAX_MAPPED_TASKS = 1024
 ENV_PREFIX = "FT_"
+MODES = ("local", "distributed")
+# Airflow executors whose tasks run on other machines (a substring of [core] executor, which may be
+# a list, an alias or a module path): Celery, Kubernetes (CeleryKubernetes, LocalKubernetes too),
+# Edge, and the AWS ECS / Batch / Lambda executors.
+DISTRIBUTED_EXECUTORS = ("CeleryExecutor", "KubernetesExecutor", "EdgeExecutor", "EcsExecutor", "BatchExecutor",
+                         "LambdaExecutor")
 
 
 class SettingsError(ValueError):
@@ -62,13 +74,22 @@ class Settings(BaseSettings):
     home: Path = Field(
         PROJECT_ROOT / ".fashion-tagging",
         description="Local state directory: embedded PostgreSQL data, local object store, caches, model artifacts.")
-    # None -> start the embedded PostgreSQL (with pgvector) under ``home/pgdata``.
+    # local: the embedded defaults below are allowed; distributed: the catalog database and the
+    # object store must be shared services (checked in _shared_services_when_distributed).
+    mode: Literal[MODES] = Field(
+        "auto", validate_default=True,
+        description="local: the embedded PostgreSQL and the FT_HOME/store defaults are allowed (one machine); "
+                    "distributed: FT_DATABASE_URL and an s3:// FT_OBJECT_STORE_URL are required, a worker without "
+                    "them refuses to start. auto: distributed when Airflow's executor (AIRFLOW__CORE__EXECUTOR, "
+                    "else [core] executor of airflow.cfg) is Celery, Kubernetes, Edge or an AWS one, else local.")
+    # None -> start the embedded PostgreSQL (with pgvector) under ``home/pgdata`` (local mode only).
     database_url: str | None = Field(
         None, description="SQLAlchemy URL of the catalog database (PostgreSQL with pgvector); unset or empty: "
-                          "an embedded PostgreSQL under FT_HOME/pgdata.")
+                          "an embedded PostgreSQL under FT_HOME/pgdata (FT_MODE=local only).")
     # file:///path or s3://bucket/prefix (endpoint from ``s3_endpoint_url`` for MinIO/moto).
     object_store_url: str = Field(
-        "", description="Object store: file:///dir, a directory path or s3://bucket/prefix; empty: FT_HOME/store.")
+        "", description="Object store: file:///dir, a directory path or s3://bucket/prefix; empty: FT_HOME/store "
+                          "(FT_MODE=local only).")
     s3_endpoint_url: str | None = Field(
         None, description="S3 endpoint for s3:// stores (MinIO, moto); unset or empty: AWS.")
     catalog_prefix: str = Field("catalog/", description="Store prefix of the catalog manifests.")
@@ -128,6 +149,12 @@ class Settings(BaseSettings):
         description="Promotion gate: a candidate needs this articleType test accuracy (and no worse than "
                     "production).")
 
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _resolve_mode(cls, value):
+        """``auto`` (the default) becomes the mode the environment implies: the field holds the decision."""
+        return resolve_mode(value)
+
     @field_validator("database_url", "s3_endpoint_url", mode="before")
     @classmethod
     def _empty_is_unset(cls, value):
@@ -140,6 +167,13 @@ class Settings(BaseSettings):
         if parsed.scheme not in ("", "file", "s3") or (parsed.scheme == "s3" and not parsed.netloc):
             raise ValueError("must be file:///dir, a directory path or s3://bucket/prefix")
         return value
+
+    @model_validator(mode="after")
+    def _shared_services_when_distributed(self) -> Settings:
+        problems = distributed_problems(self)
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
 
     def replace(self, **changes) -> Settings:
         """A validated copy with ``changes`` applied (the frozen settings' ``dataclasses.replace``)."""
@@ -163,7 +197,65 @@ class Settings(BaseSettings):
 
     @property
     def resolved_object_store_url(self) -> str:
+        """``FT_OBJECT_STORE_URL``, else (local mode only) the directory ``FT_HOME/store``."""
+        if not self.object_store_url and resolve_mode(self.mode) != "local":
+            raise SettingsError("\n".join(distributed_problems(self)))
         return self.object_store_url or (self.home / "store").resolve().as_uri()
+
+
+def airflow_executor(environ=None) -> str:
+    """Airflow's ``[core] executor`` as a task would see it: the environment, else airflow.cfg ("" if neither).
+
+    Read without importing Airflow: ``AIRFLOW__CORE__EXECUTOR``, else the ``executor`` option of
+    ``$AIRFLOW_CONFIG`` (or ``$AIRFLOW_HOME/airflow.cfg``, ``~/airflow/airflow.cfg``).
+    """
+    environ = os.environ if environ is None else environ
+    if environ.get("AIRFLOW__CORE__EXECUTOR"):
+        return environ["AIRFLOW__CORE__EXECUTOR"]
+    config = environ.get("AIRFLOW_CONFIG") or os.path.join(
+        environ.get("AIRFLOW_HOME") or os.path.expanduser("~/airflow"), "airflow.cfg")
+    parser = configparser.ConfigParser(interpolation=None, strict=False)
+    try:
+        parser.read(config, encoding="utf-8")
+        return parser.get("core", "executor", fallback="")
+    except (configparser.Error, OSError, UnicodeDecodeError):
+        return ""
+
+
+def detected_mode(environ=None) -> str:
+    """``distributed`` when Airflow's executor runs tasks on other machines, else ``local`` (FT_MODE=auto)."""
+    executor = airflow_executor(environ)
+    return "distributed" if any(name in executor for name in DISTRIBUTED_EXECUTORS) else "local"
+
+
+def resolve_mode(value) -> str:
+    """An ``FT_MODE`` value as a mode: ``auto`` (or unset) -> :func:`detected_mode`; others as they are."""
+    return detected_mode() if value is None or str(value).strip().lower() in ("", "auto") else value
+
+
+def distributed_problems(settings: Settings) -> list[str]:
+    """One line per setting a distributed worker lacks (none in local mode)."""
+    store = settings.object_store_url
+    if resolve_mode(settings.mode) == "local" or (
+            settings.database_url and store and urlparse(store).scheme not in ("", "file")):
+        return []
+    executor = airflow_executor()
+    why = (f"a distributed worker (FT_MODE=distributed"
+           f"{f', AIRFLOW__CORE__EXECUTOR={executor}' if detected_mode() == 'distributed' else ''}) must share the "
+           f"catalog database and the object store with the other workers")
+    local = "or FT_MODE=local if every task runs on this one machine"
+    problems = []
+    if not settings.database_url:
+        problems.append(f"{env_name('database_url')} is unset: {why}; set "
+                        f"{env_name('database_url')}=postgresql+psycopg2://user:password@host:5432/catalog, {local}")
+    if not store:
+        problems.append(f"{env_name('object_store_url')} is unset: {why}; set "
+                        f"{env_name('object_store_url')}=s3://bucket/prefix, {local}")
+    elif urlparse(store).scheme in ("", "file"):
+        problems.append(f"{env_name('object_store_url')}={store!r}: {why}, and a file:// store is this machine's "
+                        f"disk; set {env_name('object_store_url')}=s3://bucket/prefix "
+                        f"({env_name('s3_endpoint_url')} for MinIO), {local}")
+    return problems
 
 
 def env_name(field: str) -> str:
@@ -189,7 +281,10 @@ def _describe(error: ValidationError, overrides: dict) -> str:
     """One line per bad value: ``FT_NAME='value': problem`` (``name=value: problem`` for an override)."""
     lines = []
     for problem in error.errors(include_url=False):
-        field = str(problem["loc"][0]) if problem["loc"] else "?"
+        if not problem["loc"]:  # a whole-settings check (a distributed worker's services): its own lines
+            lines.extend(str((problem.get("ctx") or {}).get("error", problem["msg"])).splitlines())
+            continue
+        field = str(problem["loc"][0])
         name = field if field in overrides else env_name(field)
         lines.append(f"{name}={problem.get('input')!r}: {_problem_text(field, problem)}")
     return "\n".join(dict.fromkeys(lines))
@@ -202,7 +297,8 @@ def _problem_text(field: str, problem: dict) -> str:
     if kind in ("float_parsing", "float_type", "finite_number"):
         return "must be a number"
     if kind == "literal_error":
-        return "must be one of " + ", ".join(get_args(Settings.model_fields[field].annotation))
+        choices = get_args(Settings.model_fields[field].annotation)
+        return "must be one of " + ", ".join(("auto", *choices) if field == "mode" else choices)
     bounds = {"greater_than_equal": ("at least", "ge"), "less_than_equal": ("at most", "le"),
               "greater_than": ("greater than", "gt"), "less_than": ("less than", "lt")}
     if kind in bounds:

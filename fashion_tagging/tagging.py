@@ -102,12 +102,18 @@ def tag_work_batch(batch_id: int, *, settings: Settings, run_id: str, engine: sa
     and records its progress in the same transaction as each chunk's tags, so a retry after a
     crash resumes where the last commit ended. An exception marks the batch failed with its
     error (for the run's summary) and is re-raised, so Airflow retries it.
+
+    Each chunk's transaction first locks the batch row and checks that its progress is still
+    where the chunk began: if another worker on the same batch committed that chunk first, the
+    chunk is dropped and the work resumes from the other's progress (each product is written
+    and counted once). A batch superseded (its version retired by a promotion) stops without
+    writing; it is not an error.
     """
     started = time.perf_counter()
     engine = engine or get_engine(settings)
     batch = repository.start_batch_attempt(engine, batch_id)
     result = BatchResult(run_id=run_id, model_version=batch["model_version"], requested=0)
-    if batch["status"] == "done":
+    if batch["status"] in repository.BATCH_CLOSED:
         return result
     try:
         store = store or open_configured_store(settings)
@@ -115,23 +121,47 @@ def tag_work_batch(batch_id: int, *, settings: Settings, run_id: str, engine: sa
         result.model_load_seconds = time.perf_counter() - started
         done_seq, chunk_size = batch["done_seq"], max(1, int(settings.tagging_batch_size))
         progress = ProgressLogger(batch["products"], "products", log, every_s=30, label=f"batch {batch_id}")
+        locked: dict = {}  # the batch row as the last chunk's transaction found it
+        closed = False  # superseded, deleted or finished by another worker: nothing left to record
+
+        def claim(conn, start):  # this chunk is ours: nobody committed past ``start``, batch still open
+            locked["batch"] = current = repository.lock_batch(conn, batch_id)
+            return current is not None and current["status"] not in repository.BATCH_CLOSED \
+                and current["done_seq"] == start
+
         while True:
             with engine.connect() as conn:
                 rows = repository.products_in_range(conn, done_seq, batch["seq_to"], chunk_size)
             if not rows:
                 break
             tick, last_seq = time.perf_counter(), rows[-1].change_seq
+            written = _tag_rows(rows, [row.product_id for row in rows], settings=settings, engine=engine,
+                                store=store, tagger=tagger, result=result,
+                                claim=lambda conn, start=done_seq: claim(conn, start),
+                                in_transaction=lambda conn, counts, s=last_seq, t=tick: repository.advance_batch(
+                                    conn, batch_id, s, **counts, seconds=time.perf_counter() - t))
+            if not written:  # another worker committed this chunk first, or the batch was closed
+                current = locked["batch"]
+                if current is None or current["status"] in repository.BATCH_CLOSED:
+                    log.info("batch %s is %s: stopping without writing", batch_id,
+                             current["status"] if current else "deleted")
+                    closed = True
+                    break
+                log.info("batch %s: another worker wrote past change_seq %s; resuming at %s", batch_id, done_seq,
+                         current["done_seq"])
+                done_seq = current["done_seq"]
+                continue
             result.requested += len(rows)
-            _tag_rows(rows, [row.product_id for row in rows], settings=settings, engine=engine, store=store,
-                      tagger=tagger, result=result,
-                      in_transaction=lambda conn, counts, s=last_seq, t=tick: repository.advance_batch(
-                          conn, batch_id, s, **counts, seconds=time.perf_counter() - t))
             done_seq = last_seq
             progress.update(len(rows))
         progress.finish()
-        repository.finish_batch(engine, batch_id)
+        if not closed:
+            repository.finish_batch(engine, batch_id)
     except BaseException as error:
-        repository.finish_batch(engine, batch_id, error=f"{type(error).__name__}: {describe_error(error)}")
+        try:
+            repository.finish_batch(engine, batch_id, error=f"{type(error).__name__}: {describe_error(error)}")
+        except Exception as unrecorded:  # the database itself is down: the original error is what counts
+            log.warning("batch %s: could not record its failure (%s)", batch_id, describe_error(unrecorded))
         raise
     result.total_seconds = time.perf_counter() - started
     log.info("batch %s (%s, change_seq %s..%s): tagged %d/%d products (%d text-only, %d errors) in %.1fs",
@@ -141,13 +171,14 @@ def tag_work_batch(batch_id: int, *, settings: Settings, run_id: str, engine: sa
 
 
 def _tag_rows(rows, product_ids: list[int], *, settings: Settings, engine: sa.Engine, store: ObjectStore, tagger,
-              result: BatchResult, in_transaction=None) -> None:
+              result: BatchResult, in_transaction=None, claim=None) -> bool:
     """Fetch photos, predict and write one chunk in one transaction (adds to ``result``'s counts).
 
     Products whose photo could not be fetched (transient, after retries) get a new change_seq
     first, in their own transaction, so a later range tags them again: they are never lost.
-    ``in_transaction(conn, counts)`` runs inside the chunk's transaction with the chunk's
-    ``tagged`` / ``text_only`` / ``errors`` counts.
+    ``claim(conn)`` runs first in the chunk's transaction: if it returns False nothing is
+    written or counted and this returns False. ``in_transaction(conn, counts)`` runs inside the
+    chunk's transaction with the chunk's ``tagged`` / ``text_only`` / ``errors`` counts.
     """
     inputs = _gather_inputs(rows, product_ids, store, tagger.image_size, result)
     if inputs.retry_ids:
@@ -162,6 +193,8 @@ def _tag_rows(rows, product_ids: list[int], *, settings: Settings, engine: sa.En
     counts = {"tagged": len(inputs.product_ids), "text_only": sum(image is None for image in inputs.images),
               "errors": len(inputs.errors)}
     with engine.begin() as conn:  # one transaction: all of the chunk or none of it
+        if claim is not None and not claim(conn):
+            return False
         if predictions is not None:
             repository.write_tags_and_embeddings(conn, result.model_version, result.run_id, inputs.product_ids,
                                                  predictions)
@@ -172,6 +205,7 @@ def _tag_rows(rows, product_ids: list[int], *, settings: Settings, engine: sa.En
     result.text_only += counts["text_only"]
     result.errors += counts["errors"]
     result.write_seconds += time.perf_counter() - tick
+    return True
 
 
 def _gather_inputs(rows, product_ids: list[int], store: ObjectStore, image_size: int,
@@ -184,7 +218,7 @@ def _gather_inputs(rows, product_ids: list[int], store: ObjectStore, image_size:
               for pid in product_ids if pid not in found]
 
     tick = time.perf_counter()
-    fetched = store.get_many([row.image_key for row in rows if row.image_key])
+    fetched = fetch_photos(store, [row.image_key for row in rows if row.image_key])
     result.fetch_seconds += time.perf_counter() - tick
 
     tick = time.perf_counter()
@@ -216,6 +250,17 @@ def _gather_inputs(rows, product_ids: list[int], store: ObjectStore, image_size:
         inputs.texts.append(text)
     result.decode_seconds += time.perf_counter() - tick
     return inputs
+
+
+def fetch_photos(store: ObjectStore, keys: Sequence[str]) -> dict[str, bytes | Exception]:
+    """``store.get_many`` for photos, reading at most ``images.MAX_PHOTO_BYTES + 1`` bytes of each.
+
+    One byte over the cap is enough for ``decode_image`` to reject the object as too large, so a
+    huge object never sits whole in a worker's memory. A failing key maps to its exception.
+    """
+    from fashion_tagging.images import MAX_PHOTO_BYTES
+
+    return store.get_many(keys, max_bytes=MAX_PHOTO_BYTES + 1)
 
 
 # --- model resolution -------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import tensorflow as tf
 
 from fashion_tagging.artifacts import save_artifact
 from fashion_tagging.catalog import load_kaggle_catalog, with_clean_labels
-from fashion_tagging.images import decode_tensor, resize_and_pad
+from fashion_tagging.images import photo_tensors
 from fashion_tagging.features import catalog_image_embeddings
 from fashion_tagging.progress import epoch_logger
 from fashion_tagging.model import (AUXILIARY_HEADS, BLEND_SITUATIONS, MODES, OTHER_LABEL, LabelMap, TextEncoder,
@@ -347,10 +347,10 @@ def _pixel_dataset(rows: pd.DataFrame, text: TextEncoder, label_maps: dict, *, s
     labels = with_auxiliary_labels({head: label_maps[head].encode(rows[head]) for head in label_maps})
 
     def load(x, y, w):
-        path = x.pop("path")
-        blank = tf.fill([size, size, 3], 255.0)
-        pixels = tf.cond(tf.strings.length(path) > 0,
-                         lambda: resize_and_pad(decode_tensor(tf.io.read_file(path)), size), lambda: blank)
+        # decode_image's rule, as tagging: a photo it rejects leaves the product image-less (as in
+        # the embedding pass), white pixels; a product without a path gets white pixels too.
+        pixels, reason = photo_tensors(x.pop("path"), size)
+        x["has_image"] = x["has_image"] * tf.cast(tf.equal(reason, ""), x["has_image"].dtype)
         if training:
             pixels = tf.image.random_flip_left_right(pixels, seed=seed)
             pixels = tf.clip_by_value(tf.image.random_brightness(pixels, 20.0, seed=seed), 0.0, 255.0)

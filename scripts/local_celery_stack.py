@@ -8,6 +8,11 @@ Airflow through its REST API v2 with a JWT from the simple auth manager.
     FT_DATABASE_URL=... FT_OBJECT_STORE_URL=... .venv/bin/python scripts/local_celery_stack.py \\
         --trigger catalog_tagging
 
+The stack runs the CeleryExecutor, so its processes default to ``FT_MODE=distributed``: they need
+``FT_DATABASE_URL`` and an ``s3://`` ``FT_OBJECT_STORE_URL``. Every process runs on this machine, so
+``FT_MODE=local`` (what ``pipeline.settings_env`` passes for settings made outside Airflow, as
+tests/test_celery_stack.py does) lets them share a ``file://`` store too.
+
 Every process is started in its own session and stopped (by its process group id) on exit, and the
 metadata database and the Redis database are dropped. tests/test_celery_stack.py uses this module.
 """
@@ -116,10 +121,20 @@ class LocalCeleryStack:
         self._spawn("scheduler", "scheduler")
         self._spawn("dag-processor", "dag-processor")
         for name, queues in WORKERS:
-            self._spawn(f"worker-{name}", "celery", "worker", "--queues", queues, "--concurrency", "1",
-                        "--celery-hostname", f"{name}@%h",
-                        env={"AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port())})
+            self.start_worker(name, queues)
         self._wait_until(self._api_healthy, "the API server to answer")
+
+    def start_worker(self, name: str, queues: str) -> None:
+        """(Re)start the Celery worker ``worker-<name>`` consuming ``queues`` (a fresh process group)."""
+        self._spawn(f"worker-{name}", "celery", "worker", "--queues", queues, "--concurrency", "1",
+                    "--celery-hostname", f"{name}@%h",
+                    env={"AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port())})
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Signal a process's whole group (a worker and the task processes it forked), as the OOM killer would."""
+        process = self.processes.pop(name)
+        _signal_group(process, sig)
+        process.wait(timeout=30)
 
     def stop(self) -> None:
         """Stop what we started (SIGTERM to each process group, SIGKILL after a grace period)."""

@@ -96,3 +96,60 @@ def test_nightly_dag_over_rest_on_celery_workers(catalog, tmp_path):
     assert run_row == ("success", products, len(batches))
     # it tagged the whole catalog, so finish made it the serving model
     assert repository.serving_model(engine)["version"] == version
+
+
+# A killed worker's task is noticed when its heartbeat stops: seconds here instead of the default 300.
+FAST_FAILURE_DETECTION = {"AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "15",
+                          "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "2"}
+
+
+def test_a_worker_killed_mid_batch_is_retried_and_nothing_is_lost(catalog, tmp_path):
+    """SIGKILL the gpu worker's whole process group once a tag_batch has committed part of its range.
+
+    Airflow notices the dead task by its missing heartbeat, retries it on the restarted worker, and
+    the retry resumes after the last committed chunk: the run succeeds with every product tagged
+    exactly once and the run's counts right.
+    """
+    import time
+
+    settings, engine, version = catalog
+    settings = settings.replace(tagging_batch_size=10, tagging_max_tasks=1)  # one range, many commits
+    with local_celery_stack.LocalCeleryStack(tmp_path / "airflow", redis_db=REDIS_DB, use_schedules=False,
+                                             extra_env={**pipeline.settings_env(settings),
+                                                        **FAST_FAILURE_DETECTION}) as stack:
+        run_id = stack.trigger("catalog_tagging")
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:  # a range that has committed some chunks but not all
+            with engine.connect() as conn:
+                partly_done = conn.execute(sa.text(
+                    "SELECT batch_id FROM tagging_batches WHERE run_id = :r AND status = 'planned' "
+                    "AND done_seq > seq_from"), {"r": run_id}).first()
+            if partly_done:
+                break
+            time.sleep(0.2)
+        assert partly_done, stack.log_tail("worker-gpu")
+        stack.kill("worker-gpu")
+        with engine.connect() as conn:
+            committed_before_kill = conn.execute(sa.text("SELECT tagged FROM tagging_batches WHERE batch_id = :b"),
+                                                 {"b": partly_done.batch_id}).scalar_one()
+        stack.start_worker("gpu", "gpu")
+        run = stack.wait_for_run("catalog_tagging", run_id, timeout_s=480)
+        task_instances = stack.task_instances("catalog_tagging", run_id)
+        logs = {name: stack.log_tail(name, 4000) for name in ("worker-gpu", "scheduler")}
+    assert run["state"] == "success", (task_instances, logs)
+    (killed,) = [ti for ti in task_instances if ti["task_id"] == "tag_batch"]
+    assert killed["state"] == "success" and killed["try_number"] >= 2, killed
+
+    with engine.connect() as conn:
+        products = conn.execute(sa.text("SELECT count(*) FROM products")).scalar_one()
+        tags, distinct = conn.execute(sa.text(
+            "SELECT count(*), count(DISTINCT (product_id, model_version)) FROM tags")).one()
+        batch = conn.execute(sa.text("SELECT status, attempts, tagged, errors FROM tagging_batches "
+                                     "WHERE batch_id = :b"), {"b": partly_done.batch_id}).one()
+        run_row = conn.execute(sa.text("SELECT status, products_tagged FROM tagging_runs WHERE run_id = :r"),
+                               {"r": run_id}).one()
+    assert 0 < committed_before_kill < products
+    assert tags == distinct == products  # nothing lost, nothing twice
+    assert batch.status == "done" and batch.attempts >= 2 and batch.tagged == products
+    assert tuple(run_row) == ("success", products)
+    assert repository.serving_model(engine)["version"] == version

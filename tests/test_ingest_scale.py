@@ -34,10 +34,10 @@ def write_catalog(store) -> None:
                  "21,Too,Many,Fields,Here",  # row 14
                  "20,Title this time,Tshirts,2014"]  # row 15: valid, the row-13 one was rejected
     csv_rows += [f"{i},Product {i},Shirts,2012" for i in range(30, 40)]  # rows 16-25
-    store.put("catalog/a.csv", "\n".join(csv_rows).encode())
+    store.put("catalog/a.csv", ("\n".join(csv_rows) + "\n").encode())  # complete files end with a line break
     lines = [json.dumps({"id": 5, "productDisplayName": "Updated 5"}), "{broken",
              json.dumps({"productDisplayName": "no id"}), json.dumps({"id": 40, "productDisplayName": "Forty"})]
-    store.put("catalog/b.jsonl", "\n".join(lines).encode())
+    store.put("catalog/b.jsonl", ("\n".join(lines) + "\n").encode())
     parquet = pd.DataFrame({"id": [50, 51, 50, 52], "productDisplayName": ["A", "B", "again", "C"]})
     store.put("catalog/c.parquet", encode_manifest(parquet, "parquet"))
 

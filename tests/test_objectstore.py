@@ -36,6 +36,18 @@ def test_store_round_trip_and_missing_keys(any_store):
     assert isinstance(fetched["b/nope.bin"], ObjectNotFound)
 
 
+def test_capped_reads_stop_at_max_bytes(any_store):
+    big = bytes(range(256)) * 40_000  # 10 MB: several blocks of the S3 body stream
+    any_store.put("photos/big.bin", big)
+    any_store.put("photos/small.bin", b"tiny")
+
+    assert any_store.get_head("photos/big.bin", 1_000_001) == big[:1_000_001]
+    assert any_store.get_head("photos/small.bin", 1_000_001) == b"tiny"
+    fetched = any_store.get_many(["photos/big.bin", "photos/small.bin", "photos/none.bin"], max_bytes=10)
+    assert fetched["photos/big.bin"] == big[:10] and fetched["photos/small.bin"] == b"tiny"
+    assert isinstance(fetched["photos/none.bin"], ObjectNotFound)
+
+
 def test_directories_round_trip(any_store, tmp_path):
     source = tmp_path / "artifact"
     (source / "sub").mkdir(parents=True)
@@ -113,7 +125,7 @@ def test_malformed_manifest_rows_are_recorded_not_fatal(tmp_path):
         "12,Too,Many,Fields\n"
         "13,Fine Bag,Handbags\n").encode())
     lines = [json.dumps({"id": 20, "productDisplayName": "Watch"}), "{not json", json.dumps([1, 2])]
-    store.put("catalog/c-lines.jsonl", "\n".join(lines).encode())
+    store.put("catalog/c-lines.jsonl", ("\n".join(lines) + "\n").encode())  # complete: ends with a line break
     store.put("catalog/d-broken.parquet", b"PAR1 truncated")
     store.put("catalog/e-no-title.csv", b"id,name\n1,x\n")
 

@@ -11,7 +11,7 @@ from fashion_tagging.settings import PROJECT_ROOT, Settings, SettingsError, get_
 # The defaults as they were before validation came in (the dataclass's default factories).
 DEFAULTS = {
     "data_dir": PROJECT_ROOT.parent / "shared/data/fashion-product-images",
-    "home": PROJECT_ROOT / ".fashion-tagging",
+    "home": PROJECT_ROOT / ".fashion-tagging", "mode": "local",  # FT_MODE=auto outside a distributed executor
     "database_url": None, "object_store_url": "", "s3_endpoint_url": None,
     "catalog_prefix": "catalog/", "images_prefix": "images/", "models_prefix": "models/", "s3_max_concurrency": 16,
     "backbone": "efficientnet-lite0", "image_size": 224, "max_text_tokens": 100, "vocabulary_size": 20000,
@@ -29,6 +29,7 @@ def clean_env(monkeypatch):
     """No ``FT_*`` setting from the caller's environment."""
     for name in Settings.model_fields:
         monkeypatch.delenv(f"FT_{name.upper()}", raising=False)
+    monkeypatch.delenv("AIRFLOW__CORE__EXECUTOR", raising=False)  # FT_MODE=auto: local
     return monkeypatch
 
 

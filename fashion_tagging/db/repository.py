@@ -43,6 +43,8 @@ PROMOTION_LOCK_KEY = 0x46545F70726F  # pg advisory lock id: "FT_pro"
 # change_seq: a sequence number handed out but not yet committed can never be skipped by a range.
 CHANGE_LOCK_KEY = 0x46545F636867  # "FT_chg"
 CONFIDENCE_BINS = 20  # tag_stats' confidence histogram (the dashboard's bins)
+# tagging_batches.status: planned | done | failed | superseded (its version was retired before it finished).
+BATCH_CLOSED = ("done", "superseded")
 RETIRED_VERSIONS_KEPT = 1  # retired versions whose partitions stay (a rollback target); older ones are dropped
 # HNSW + a model_version filter: keep scanning the graph until k rows match (pgvector >= 0.8).
 SIMILAR_SEARCH_SETTINGS = ("SET LOCAL hnsw.iterative_scan = relaxed_order", "SET LOCAL hnsw.ef_search = 100")
@@ -115,12 +117,13 @@ def _copy_encoded(conn: sa.Connection, table: str, columns: Sequence[str], body:
 def _upsert_via_temp(conn: sa.Connection, table: sa.Table, columns: Sequence[str], kinds: Sequence[str],
                      rows: Iterable[Sequence] | bytes, *, conflict: Sequence[str], touch: str | None,
                      only_if_changed: bool = False, extra_updates: Sequence[str] = (),
-                     before_upsert=None) -> int:
+                     before_upsert=None, update_only_where: str | None = None) -> int:
     """COPY into a temp clone of ``table`` then upsert from it; returns rows inserted or changed.
 
     ``rows`` are encoded by ``kinds``, or are ``bytes``: a body already encoded for ``columns``.
     ``before_upsert(staging_table_name)`` runs between the COPY and the upsert (tag statistics
-    read the rows about to be replaced there).
+    read the rows about to be replaced there). ``update_only_where``: an SQL condition an existing
+    row must meet to be updated (it may name ``{table}.<column>`` and ``EXCLUDED.<column>``).
     """
     staging = f"staging_{table.name}"
     conn.exec_driver_sql(f"DROP TABLE IF EXISTS pg_temp.{staging}")
@@ -140,6 +143,8 @@ def _upsert_via_temp(conn: sa.Connection, table: sa.Table, columns: Sequence[str
         compared = [c for c in columns if c not in conflict]
         changed = (f" WHERE ({', '.join(f'{table.name}.{c}' for c in compared)})"
                    f" IS DISTINCT FROM ({', '.join(f'EXCLUDED.{c}' for c in compared)})")
+    if update_only_where:
+        changed = f"{changed} AND ({update_only_where})" if changed else f" WHERE {update_only_where}"
     result = conn.exec_driver_sql(
         f"INSERT INTO {table.name} ({', '.join(columns)}) SELECT {', '.join(columns)} FROM {staging}"
         f" ON CONFLICT ({', '.join(conflict)}) DO UPDATE SET {', '.join(updates)}{changed}")
@@ -155,20 +160,89 @@ def upsert_products(conn: sa.Connection, frame: pd.DataFrame) -> int:
 
     Unchanged rows are left alone (``updated_at`` keeps its value), so a re-import neither
     duplicates products nor gives them a new ``change_seq`` (which would have them tagged again).
+    Rows are written in product_id order: besides the lock below, writers that overlap take
+    their row locks in one order and cannot deadlock.
+
+    A written product is in the catalog: a deleted one (tombstone) is restored. With a ``source``
+    (the manifest key), a product whose current source sorts after it (byte order) is left alone:
+    the manifest latest in key order wins, whichever night each was loaded.
     """
     frame = frame.rename(columns=PRODUCT_COLUMN_MAP)
     columns = [c for c in PRODUCT_COLUMNS if c in frame.columns]
     if "product_id" not in columns:
         raise ValueError("products need an 'id' / 'product_id' column")
-    frame = frame.drop_duplicates("product_id", keep="last")
+    frame = frame.drop_duplicates("product_id", keep="last").sort_values("product_id", kind="stable")
     kinds = [_PRODUCT_TYPES.get(c, "text") for c in columns]
     values = frame[columns].astype(object).where(frame[columns].notna(), None)
-    rows = [[_none_if_blank(v, k) for v, k in zip(row, kinds, strict=True)]
+    rows = [[*(_none_if_blank(v, k) for v, k in zip(row, kinds, strict=True)), None]  # deleted_at: live
             for row in values.itertuples(index=False, name=None)]
     lock_product_changes(conn)
-    return _upsert_via_temp(conn, schema.products, columns, kinds, rows, conflict=("product_id",),
-                            touch="updated_at", only_if_changed=True,
-                            extra_updates=("change_seq = nextval('product_change_seq')",))
+    return _upsert_via_temp(conn, schema.products, [*columns, "deleted_at"], [*kinds, "text"], rows,
+                            conflict=("product_id",), touch="updated_at", only_if_changed=True,
+                            extra_updates=("change_seq = nextval('product_change_seq')",),
+                            update_only_where=_LATER_SOURCE_KEPT)
+
+
+# An existing product is updated by a manifest row only if that manifest does not sort before the
+# one the product came from (byte order, whatever the database's collation).
+_LATER_SOURCE_KEPT = ('products.source IS NULL OR EXCLUDED.source IS NULL '
+                      'OR products.source COLLATE "C" <= EXCLUDED.source COLLATE "C"')
+
+
+@accepts_engine
+def delete_products(conn: sa.Connection, product_ids: Sequence[int], source: str | None = None) -> int:
+    """Tombstone products (manifest rows with ``deleted`` true); returns the rows that changed.
+
+    The row stays with ``deleted_at`` set and ``source`` = the deleting manifest (an unknown id
+    gets a tombstone row, so an earlier manifest read later cannot bring it in); its tags and
+    embeddings in every version go, ``tag_stats`` following, and readers skip it. The same
+    precedence as :func:`upsert_products`: a product from a manifest later in key order stays.
+    A deleted product keeps its ``change_seq`` (no tagging work); being written again restores it.
+    """
+    ids = sorted({int(i) for i in product_ids})
+    if not ids:
+        return 0
+    lock_product_changes(conn)
+    changed = conn.execute(sa.text(f"""
+        INSERT INTO products (product_id, source, deleted_at)
+        SELECT id, :source, now() FROM unnest(CAST(:ids AS bigint[])) AS id ORDER BY id
+        ON CONFLICT (product_id) DO UPDATE
+        SET deleted_at = coalesce(products.deleted_at, now()), source = coalesce(EXCLUDED.source, products.source),
+            updated_at = CASE WHEN products.deleted_at IS NULL THEN now() ELSE products.updated_at END
+        WHERE (products.deleted_at IS NULL OR products.source IS DISTINCT FROM EXCLUDED.source)
+          AND ({_LATER_SOURCE_KEPT})
+        RETURNING product_id
+    """), {"ids": ids, "source": source}).scalars().all()
+    drop_tags(conn, changed)
+    return len(changed)
+
+
+def drop_tags(conn: sa.Connection, product_ids: Sequence[int]) -> None:
+    """Remove products' tags and embeddings in every version, ``tag_stats`` following (keys in lock order)."""
+    ids = [int(i) for i in product_ids]
+    if not ids:
+        return
+    conn.execute(sa.text(f"""
+        INSERT INTO tag_stats (model_version, article_type, confidence_bin, products)
+        SELECT model_version, article_type, {_CONFIDENCE_BIN_SQL}, -count(*) FROM tags
+        WHERE product_id = ANY(:ids) GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
+        ON CONFLICT (model_version, article_type, confidence_bin)
+        DO UPDATE SET products = tag_stats.products + EXCLUDED.products
+    """), {"ids": ids})
+    conn.execute(sa.text("DELETE FROM tags WHERE product_id = ANY(:ids)"), {"ids": ids})
+    conn.execute(sa.text("DELETE FROM embeddings WHERE product_id = ANY(:ids)"), {"ids": ids})
+
+
+def _deleted_among(conn: sa.Connection, product_ids: Sequence[int]) -> list[int]:
+    """Which of ``product_ids`` are deleted, read under the product-change lock (shared).
+
+    Taken before a tag write touches anything: a tombstone committed earlier is seen here, and
+    one not yet made waits (its writer takes the lock exclusively) until this write commits, then
+    drops the tags just written. Either way a deleted product keeps no tags.
+    """
+    conn.execute(sa.text("SELECT pg_advisory_xact_lock_shared(:key)"), {"key": CHANGE_LOCK_KEY})
+    return conn.execute(sa.text("SELECT product_id FROM products WHERE product_id = ANY(:ids) "
+                                "AND deleted_at IS NOT NULL"), {"ids": [int(i) for i in product_ids]}).scalars().all()
 
 
 def lock_product_changes(conn: sa.Connection) -> None:
@@ -231,6 +305,7 @@ def write_tags_and_embeddings(conn: sa.Connection, model_version: str, run_id: s
     probe to know) are COPYed straight into the version's partition. Otherwise the batch goes
     COPY -> temp table -> ``INSERT ... ON CONFLICT DO UPDATE``. Either way the version's
     ``tag_stats`` move by exactly the rows added or replaced, in the same transaction.
+    Products deleted since the caller read them keep no tags (:func:`_deleted_among`).
     """
     if len(product_ids) != len(predictions.has_image):
         raise ValueError(f"{len(product_ids)} product ids but {len(predictions.has_image)} predictions")
@@ -238,6 +313,7 @@ def write_tags_and_embeddings(conn: sa.Connection, model_version: str, run_id: s
         return 0
     ensure_version_partitions(conn, model_version)
     ids = [int(i) for i in product_ids]
+    deleted = _deleted_among(conn, ids)
     tag_body, embedding_body = _encoded_rows(model_version, run_id, ids, predictions)
     already = conn.execute(sa.text("SELECT 1 FROM tags WHERE model_version = :v AND product_id = ANY(:ids) LIMIT 1"),
                            {"v": model_version, "ids": ids}).first()
@@ -245,6 +321,7 @@ def write_tags_and_embeddings(conn: sa.Connection, model_version: str, run_id: s
         _copy_encoded(conn, "tags", TAG_COLUMNS, tag_body)
         _copy_encoded(conn, "embeddings", EMBEDDING_COLUMNS, embedding_body)
         _add_stats(conn, model_version, predictions)
+        drop_tags(conn, deleted)
         return len(ids)
     _upsert_via_temp(conn, schema.tags, TAG_COLUMNS, _TAG_TYPES, tag_body,
                      conflict=("product_id", "model_version"), touch="tagged_at",
@@ -252,6 +329,7 @@ def write_tags_and_embeddings(conn: sa.Connection, model_version: str, run_id: s
     _apply_stats_delta(conn, model_version)
     _upsert_via_temp(conn, schema.embeddings, EMBEDDING_COLUMNS, _EMBEDDING_TYPES, embedding_body,
                      conflict=("product_id", "model_version"), touch="created_at")
+    drop_tags(conn, deleted)
     return len(ids)
 
 
@@ -411,8 +489,8 @@ def newest_change_seq(conn: sa.Connection) -> int:
 
 @accepts_engine
 def count_products(conn: sa.Connection) -> int:
-    """Products in the catalog (once per run; the dashboard reads the run's figure, not this)."""
-    return int(conn.execute(sa.text("SELECT count(*) FROM products")).scalar())
+    """Products in the catalog, tombstones left out (once per run; the dashboard reads the run's figure)."""
+    return int(conn.execute(sa.text("SELECT count(*) FROM products WHERE deleted_at IS NULL")).scalar())
 
 
 @accepts_engine
@@ -481,19 +559,36 @@ def get_batch(conn: sa.Connection, batch_id: int) -> sa.RowMapping:
 
 @accepts_engine
 def start_batch_attempt(conn: sa.Connection, batch_id: int) -> sa.RowMapping:
-    """Count an attempt at a batch and return it (its ``done_seq`` says where to resume)."""
+    """Count an attempt at a batch and return it (its ``done_seq`` says where to resume).
+
+    A batch ``done`` or ``superseded`` stays so (the attempt has nothing to do); a failed one is
+    ``planned`` again.
+    """
     b = schema.tagging_batches
     conn.execute(b.update().where(b.c.batch_id == int(batch_id))
-                 .values(attempts=b.c.attempts + 1, status=sa.case((b.c.status == "done", "done"), else_="planned"),
+                 .values(attempts=b.c.attempts + 1,
+                         status=sa.case((b.c.status.in_(BATCH_CLOSED), b.c.status), else_="planned"),
                          updated_at=sa.func.now()))
     return get_batch(conn, batch_id)
 
 
+def lock_batch(conn: sa.Connection, batch_id: int) -> sa.RowMapping | None:
+    """The batch row, locked (``FOR UPDATE``) until the caller's transaction ends; None if deleted.
+
+    Each chunk of a batch takes it before writing, so two workers on one batch (a task thought
+    lost and re-run while the first still runs) write each chunk once, and a promotion that
+    supersedes the batch waits for the chunk in flight.
+    """
+    b = schema.tagging_batches
+    return conn.execute(sa.select(b).where(b.c.batch_id == int(batch_id)).with_for_update()).mappings().first()
+
+
 @accepts_engine
 def products_in_range(conn: sa.Connection, after_seq: int, upto_seq: int, limit: int) -> list[sa.Row]:
-    """The next ``limit`` product rows of a range, in change_seq order (keyset pagination)."""
+    """The next ``limit`` product rows of a range, in change_seq order (keyset pagination); deleted ones skipped."""
     p = schema.products
-    return list(conn.execute(sa.select(p).where(p.c.change_seq > after_seq, p.c.change_seq <= upto_seq)
+    return list(conn.execute(sa.select(p).where(p.c.change_seq > after_seq, p.c.change_seq <= upto_seq,
+                                                p.c.deleted_at.is_(None))
                              .order_by(p.c.change_seq).limit(limit)))
 
 
@@ -510,11 +605,29 @@ def advance_batch(conn: sa.Connection, batch_id: int, done_seq: int, *, tagged: 
 
 @accepts_engine
 def finish_batch(conn: sa.Connection, batch_id: int, *, error: str | None = None) -> None:
-    """Mark a batch done, or failed with the error that ended its attempt."""
+    """Mark a batch done, or failed with the error that ended its attempt.
+
+    A superseded batch stays superseded, and a failure never undoes ``done`` (another worker on
+    the same batch finished it).
+    """
     b = schema.tagging_batches
-    values = {"status": "failed", "error": error[:2000]} if error else {"status": "done", "done_seq": b.c.seq_to,
-                                                                         "error": None}
-    conn.execute(b.update().where(b.c.batch_id == int(batch_id)).values(**values, updated_at=sa.func.now()))
+    if error:
+        values, keep = {"status": "failed", "error": error[:2000]}, BATCH_CLOSED
+    else:
+        values, keep = {"status": "done", "done_seq": b.c.seq_to, "error": None}, ("superseded",)
+    conn.execute(b.update().where(b.c.batch_id == int(batch_id), b.c.status.not_in(keep))
+                 .values(**values, updated_at=sa.func.now()))
+
+
+def supersede_batches(conn: sa.Connection, model_version: str) -> int:
+    """Close the open batches of a version that stopped tagging (retired): they must not write.
+
+    Waits for a chunk of theirs in flight (its row lock); the next chunk sees ``superseded`` and
+    stops. Returns the batches closed.
+    """
+    b = schema.tagging_batches
+    return conn.execute(b.update().where(b.c.model_version == model_version, b.c.status.not_in(BATCH_CLOSED))
+                        .values(status="superseded", error=None, updated_at=sa.func.now())).rowcount
 
 
 @accepts_engine
@@ -649,6 +762,7 @@ def promote_model(conn: sa.Connection, version: str) -> None:
     superseded = conn.execute(mv.update().where(mv.c.status == "promoted").values(status="retired")
                               .returning(mv.c.version)).scalars().all()
     for old in superseded:
+        supersede_batches(conn, old)  # before the drop: a chunk in flight commits first, the next one stops
         drop_version_partitions(conn, old)
     conn.execute(mv.update().where(mv.c.version == version)
                  .values(status="promoted", promoted_at=sa.func.now(), gate_reason=None, tagged_seq=0, planned_seq=0))
@@ -668,7 +782,9 @@ def activate_model(conn: sa.Connection, version: str, *, build_indexes: bool = T
     if get_model(conn, version)["status"] == "serving":
         return {}
     timings = build_version_indexes(conn, version) if build_indexes else {}
-    conn.execute(mv.update().where(mv.c.status == "serving").values(status="retired"))
+    for old in conn.execute(mv.update().where(mv.c.status == "serving").values(status="retired")
+                            .returning(mv.c.version)).scalars().all():
+        supersede_batches(conn, old)
     conn.execute(mv.update().where(mv.c.version == version).values(status="serving", serving_since=sa.func.now()))
     retired = conn.execute(sa.select(mv.c.version).where(mv.c.status == "retired")
                            .order_by(mv.c.serving_since.desc().nulls_last(), mv.c.created_at.desc())).scalars().all()
@@ -721,7 +837,7 @@ def similar_products_query(product_id: int, k: int, model_version: str) -> sa.Se
         sa.select(e.c.product_id, p.c.title, sa.func.coalesce(t.c.article_type, p.c.article_type), distance)
         .select_from(e.join(p, p.c.product_id == e.c.product_id)
                      .outerjoin(t, sa.and_(t.c.product_id == e.c.product_id, t.c.model_version == model_version)))
-        .where(e.c.model_version == model_version, e.c.product_id != product_id)
+        .where(e.c.model_version == model_version, e.c.product_id != product_id, p.c.deleted_at.is_(None))
         .order_by(distance)
         .limit(k)
     )

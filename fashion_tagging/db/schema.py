@@ -42,6 +42,9 @@ products = sa.Table(
     # Renumbered on insert and on every content change: tagging work is "change_seq above what a
     # version has tagged", planned as ranges of it (see repository.plan_ranges).
     sa.Column("change_seq", sa.BigInteger, server_default=sa.text("nextval('product_change_seq')"), nullable=False),
+    # Set by a manifest row with ``deleted`` true (a tombstone, ``source`` = that manifest): the
+    # product's tags and embeddings are dropped, readers skip it, it is no tagging work (migration 0004).
+    sa.Column("deleted_at", sa.DateTime(timezone=True)),
 )
 sa.Index("ix_products_ingested_at", products.c.ingested_at)
 sa.Index("ix_products_change_seq", products.c.change_seq, unique=True)
@@ -142,7 +145,7 @@ tagging_batches = sa.Table(
     sa.Column("seq_to", sa.BigInteger, nullable=False),  # inclusive
     sa.Column("done_seq", sa.BigInteger, nullable=False),
     sa.Column("products", sa.Integer, nullable=False),
-    sa.Column("status", sa.Text, nullable=False, server_default="planned"),  # planned|done|failed
+    sa.Column("status", sa.Text, nullable=False, server_default="planned"),  # planned|done|failed|superseded
     sa.Column("run_id", sa.Text, nullable=False),
     sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
     sa.Column("tagged", sa.Integer, nullable=False, server_default="0"),

@@ -62,9 +62,6 @@ CLASSES = ("s3", "postgres", "worker", "photos", "manifests")
 BUCKET = "fault-injection"
 REDIS_DB = 12
 S3_FAULTS = {"slowdown": 0.02, "internal": 0.02, "reset": 0.02, "truncate": 0.01}
-FAST_FAILURE_DETECTION = {"AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "15",
-                          "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "2"}
-DUMMY_AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 log = logging.getLogger("fault_injection")
 
@@ -130,6 +127,7 @@ class Benchmark:
         from moto.server import ThreadedMotoServer
 
         from fashion_tagging.objectstore import S3Store
+        from tests.fixtures_services import DUMMY_AWS_ENV
         from tests.s3_fault_proxy import S3FaultProxy
 
         for name, value in DUMMY_AWS_ENV.items():
@@ -152,7 +150,7 @@ class Benchmark:
             s3_endpoint_url=self.proxy.url, image_size=64, inference_batch_size=64,
             tagging_batch_size=self.args.chunk, tagging_max_tasks=self.args.tasks)
         self.version = self.register_model()
-        env = {**pipeline.settings_env(self.settings), **FAST_FAILURE_DETECTION, **DUMMY_AWS_ENV,
+        env = {**pipeline.settings_env(self.settings), **self.stack_module.FAST_FAILURE_DETECTION, **DUMMY_AWS_ENV,
                "FT_MODE": "distributed"}
         self.stack = stack_context(self.home / "airflow", redis_db=REDIS_DB, use_schedules=False, extra_env=env)
         self.stack.__enter__()

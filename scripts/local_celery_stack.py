@@ -38,6 +38,10 @@ SYSTEM_POSTGRES = "postgresql+psycopg2://postgres@127.0.0.1:5432"
 REDIS = "redis://127.0.0.1:6379"
 ADMIN_USER = "admin"
 FINISHED_STATES = {"success", "failed"}
+# A killed worker's task is noticed when its heartbeat stops: seconds instead of Airflow's default 300
+# (``extra_env`` of a stack whose fault tests kill workers).
+FAST_FAILURE_DETECTION = {"AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "15",
+                          "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "2"}
 # Worker name, Celery queues, log-server port: the compose file's two workers.
 WORKERS = (("default", "default"), ("gpu", "gpu"))
 

@@ -98,11 +98,6 @@ def test_nightly_dag_over_rest_on_celery_workers(catalog, tmp_path):
     assert repository.serving_model(engine)["version"] == version
 
 
-# A killed worker's task is noticed when its heartbeat stops: seconds here instead of the default 300.
-FAST_FAILURE_DETECTION = {"AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "15",
-                          "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "2"}
-
-
 def test_a_worker_killed_mid_batch_is_retried_and_nothing_is_lost(catalog, tmp_path):
     """SIGKILL the gpu worker's whole process group once a tag_batch has committed part of its range.
 
@@ -116,7 +111,7 @@ def test_a_worker_killed_mid_batch_is_retried_and_nothing_is_lost(catalog, tmp_p
     settings = settings.replace(tagging_batch_size=10, tagging_max_tasks=1)  # one range, many commits
     with local_celery_stack.LocalCeleryStack(tmp_path / "airflow", redis_db=REDIS_DB, use_schedules=False,
                                              extra_env={**pipeline.settings_env(settings),
-                                                        **FAST_FAILURE_DETECTION}) as stack:
+                                                        **local_celery_stack.FAST_FAILURE_DETECTION}) as stack:
         run_id = stack.trigger("catalog_tagging")
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:  # a range that has committed some chunks but not all

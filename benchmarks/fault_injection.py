@@ -148,7 +148,8 @@ class Benchmark:
         self.settings = get_settings(
             home=self.home / "worker-home", database_url=self.db_url, object_store_url=f"s3://{BUCKET}/",
             s3_endpoint_url=self.proxy.url, image_size=64, inference_batch_size=64,
-            tagging_batch_size=self.args.chunk, tagging_max_tasks=self.args.tasks)
+            tagging_batch_size=self.args.chunk, tagging_task_min_products=1,
+            tagging_max_tasks=self.args.tasks)
         self.version = self.register_model()
         env = {**pipeline.settings_env(self.settings), **self.stack_module.FAST_FAILURE_DETECTION, **DUMMY_AWS_ENV,
                "FT_MODE": "distributed"}

@@ -91,7 +91,7 @@ def measure(args, settings) -> int:
     from fashion_tagging.tagging import tag_work_batch
 
     artifact = Path(args.artifact) if args.artifact else find_artifact(get_settings())
-    tagger = Tagger.load(artifact)
+    tagger = Tagger.load(artifact, engine=settings.inference_engine)  # FT_INFERENCE_ENGINE, auto by default
     ids = pd.read_csv(settings.data_dir / "styles.csv", usecols=["id"])["id"].head(args.products).astype(int).tolist()
 
     engine = catalog_engine(settings)
@@ -150,7 +150,8 @@ def measure(args, settings) -> int:
     stages = {stage: round(sum(getattr(r, f"{stage}_seconds") for r in results), 1)
               for stage in ("fetch", "decode", "infer", "write")}
     result = {
-        "model_version": tagger.version, "image_size": tagger.image_size, "cpu_count": os.cpu_count(),
+        "model_version": tagger.version, "engine": tagger.engine, "image_size": tagger.image_size,
+        "cpu_count": os.cpu_count(),
         "products": len(ids), "tagged": tagged, "errors": sum(r.errors for r in results),
         "text_only": sum(r.text_only for r in results),
         "raw_model_products_per_second": round(raw_per_second, 1),

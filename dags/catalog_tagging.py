@@ -7,6 +7,9 @@ of ``products.change_seq`` recorded in the ``tagging_batches`` work table), each
 reads its own products, and ``finish`` reads the outcome from the work table. ``finish`` always
 runs: a run with a failed batch is recorded failed with the batch named, and the next run
 re-issues exactly the unfinished ranges. Every write is an idempotent upsert per transaction.
+``check_drift`` then compares what the run tagged with each model's training distribution and
+stores the figures; a drifted run logs a warning, calls ``FT_DRIFT_ALERT_CALLBACK`` and emits the
+``drift_alert`` Asset (schedule an alerting DAG on it).
 Heavy libraries are imported inside the tasks only, which keeps parsing this file fast.
 """
 
@@ -17,7 +20,7 @@ import logging
 
 from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable, TriggerRule, dag, get_current_context, task
 
-from fashion_tagging.pipeline import CATALOG_TAGS_ASSET, MODEL_PROMOTED_ASSET, TAGGING_BACKLOG_ASSET
+from fashion_tagging.pipeline import CATALOG_TAGS_ASSET, DRIFT_ALERT_ASSET, MODEL_PROMOTED_ASSET, TAGGING_BACKLOG_ASSET
 from fashion_tagging.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -25,6 +28,7 @@ SETTINGS = get_settings()
 CATALOG_TAGS = Asset(**CATALOG_TAGS_ASSET)
 MODEL_PROMOTED = Asset(**MODEL_PROMOTED_ASSET)
 TAGGING_BACKLOG = Asset(**TAGGING_BACKLOG_ASSET)
+DRIFT_ALERT = Asset(**DRIFT_ALERT_ASSET)
 
 
 @dag(
@@ -87,12 +91,33 @@ def catalog_tagging():
     def continue_backlog() -> None:
         log.info("Backlog left after this run: emitting %s to run again.", TAGGING_BACKLOG.name)
 
+    @task(trigger_rule=TriggerRule.ALL_DONE)
+    def check_drift(discovered: dict) -> dict:
+        """What this run tagged vs each model's training distribution: stored, logged, alerted above the threshold."""
+        from fashion_tagging.pipeline import check_tagging_drift
+
+        return check_tagging_drift(get_settings(), discovered)
+
+    @task.short_circuit
+    def drifted(drift: dict) -> bool:
+        return bool(drift["alert"])
+
+    @task(outlets=[DRIFT_ALERT])
+    def announce_drift(drift: dict) -> None:
+        """The Airflow-side alert: an Asset event other DAGs (paging, a retrain) can be scheduled on."""
+        get_current_context()["outlet_events"][DRIFT_ALERT].extra = {
+            "run_id": drift["run_id"], "reports": [r for r in drift["reports"] if r["alert"]]}
+        log.warning("Drift alert emitted as %s: %s", DRIFT_ALERT.name, drift["reports"])
+
     discovered = discover()
     batches = plan(discovered)
     results = tag_batch.expand(batch=batches)
     summary = finish(discovered)
     results >> summary
     backlog_left(summary) >> continue_backlog()
+    drift = check_drift(discovered)
+    summary >> drift
+    drifted(drift) >> announce_drift(drift)
 
 
 catalog_tagging()

@@ -1,8 +1,11 @@
 """Retrain the tagger, evaluate it on the fixed test split, and promote it only if it passes the gate.
 
 Weekly on ``FT_RETRAIN_CRON``, or triggered by hand with params (backbone, epochs, fine_tune,
-image_size). The gate: articleType test accuracy >= the 0.91 baseline AND not worse than the
-production model. A rejected candidate is registered as ``rejected`` with the reason, production is
+image_size). The gate: articleType test accuracy >= the 0.91 baseline AND, when a model is in
+production, significantly better than it on the same test products (both are scored in the
+evaluate task; one-sided exact McNemar test at FT_GATE_SIGNIFICANCE): ties and noise never
+promote. The decision, with both accuracies, the discordant pairs and the p-value, goes to the task
+log and the registry (model_versions.metrics -> 'gate', gate_reason). A rejected candidate is registered as ``rejected`` with the reason, production is
 left untouched and the "model promoted" asset is not emitted; a promotion emits it, which
 re-triggers catalog tagging with the new model.
 """
@@ -44,7 +47,10 @@ MODEL_PROMOTED = Asset(**MODEL_PROMOTED_ASSET)
 def retrain_tagger():
     @task
     def snapshot() -> dict:
-        """Freeze the labelled catalog (from Postgres + the object store) the candidate trains on."""
+        """Freeze the labelled catalog (from Postgres + the object store) the candidate trains on.
+
+        Reviewers' accepted and corrected values are its labels; ``review_labels`` counts them.
+        """
         from fashion_tagging.pipeline import snapshot_training_data
 
         return snapshot_training_data(get_settings())
@@ -57,18 +63,20 @@ def retrain_tagger():
 
     @task(queue=SETTINGS.gpu_queue, pool=SETTINGS.gpu_pool)
     def evaluate(snapshot: dict, trained: dict) -> dict:
-        """Score the candidate on the fixed test split of the same snapshot."""
+        """Score the candidate, and the production model, on the fixed test split of the same snapshot."""
         from fashion_tagging.pipeline import evaluate_model
 
         return evaluate_model(get_settings(), trained, snapshot)
 
     @task
     def gate(evaluation: dict) -> dict:
-        from fashion_tagging.pipeline import gate as decide, production_metrics
+        from fashion_tagging.pipeline import gate as decide
 
         settings = get_settings()
-        decision = decide(evaluation, production_metrics(settings), settings.baseline_accuracy)
-        log.info("Gate decision for %s: %s", evaluation["version"], decision)
+        decision = decide(evaluation, settings.baseline_accuracy, settings.gate_significance)
+        log.info("Gate decision for %s: %s: %s", evaluation["version"],
+                 "PROMOTE" if decision["promote"] else "REJECT", decision["reason"])
+        log.info("Gate figures: %s", decision)
         return decision
 
     @task

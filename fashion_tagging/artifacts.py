@@ -2,10 +2,13 @@
 
 Directory: ``model.keras`` (head model), ``config.json``, ``vocabulary.json``, ``labels.json``,
 ``metrics.json`` + ``report.md`` + ``confusion_articleType.png`` once evaluated,
-``text_expert.keras`` (and ``image_expert.keras`` after "top" fine-tuning) for hybrid fusion, and
+``text_expert.keras`` (and ``image_expert.keras`` after "top" fine-tuning) for hybrid fusion,
 ``backbone.weights.h5`` only when the backbone was fine-tuned (otherwise the backbone is
-rebuilt from its pretrained weights by name). Training writes it with :func:`save_artifact`,
-the tagger reads it with :meth:`Tagger.load`: the format has this one owner.
+rebuilt from its pretrained weights by name), and ``calibration.json`` (per-head temperatures,
+review thresholds and the training distribution, see calibration.py: training adds it with
+:func:`write_calibration` once the model is chosen; an artifact without one tags with raw softmax
+confidences and no review status). Training writes it with :func:`save_artifact`, the tagger
+reads it with :meth:`Tagger.load`: the format has this one owner.
 """
 
 from __future__ import annotations
@@ -22,16 +25,18 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from fashion_tagging.calibration import auto_accepted, calibrate, log_probabilities
 from fashion_tagging.images import to_model_size
 from fashion_tagging.model import LabelMap, TextEncoder, blend_primary, blend_weights, model_inputs
 from fashion_tagging.objectstore import local_path, open_uri
 from fashion_tagging.settings import IMAGE_EMBEDDING_DIM, PRIMARY_HEAD, Settings
-from fashion_tagging.text_expert import predict_text_expert
+from fashion_tagging.text_expert import texts_tensor
 
 log = logging.getLogger(__name__)
 FINE_TUNED_BACKBONE_FILE = "backbone.weights.h5"
 IMAGE_EXPERT_FILE = "image_expert.keras"  # image-only classifiers from "top" fine-tuning
 TEXT_EXPERT_FILE = "text_expert.keras"  # TF-IDF linear articleType classifier (text_expert.py)
+CALIBRATION_FILE = "calibration.json"  # per-head temperature + review threshold (calibration.py)
 COMPLETE_MARKER = ".download-complete"  # in a downloaded copy: the download finished
 
 
@@ -46,6 +51,10 @@ class TagPredictions:
     product_embeddings: np.ndarray
     has_image: np.ndarray
     has_text: np.ndarray
+    # Per head: True where the calibrated confidence reaches the head's review threshold
+    # (auto-accepted), False where the tag needs review; None without a calibration.
+    auto_accepted: dict[str, np.ndarray] | None = None
+    log_probabilities: dict[str, np.ndarray] | None = None  # raw per-head log-probabilities, when asked for
 
     def __len__(self) -> int:
         return len(self.has_image)
@@ -68,6 +77,20 @@ def save_artifact(artifact_dir: Path, *, model: keras.Model, text: TextEncoder, 
     (artifact_dir / "labels.json").write_text(json.dumps({head: m.labels for head, m in label_maps.items()}, indent=1))
     (artifact_dir / "config.json").write_text(json.dumps(config, indent=1))
     (artifact_dir / "history.json").write_text(json.dumps(history, indent=1))
+
+
+def write_calibration(artifact_dir: Path, calibration: dict) -> None:
+    """Write (or replace, atomically) an artifact's ``calibration.json``."""
+    path = Path(artifact_dir) / CALIBRATION_FILE
+    staging = path.with_name(f".{CALIBRATION_FILE}-{uuid.uuid4().hex[:8]}")
+    staging.write_text(json.dumps(calibration, indent=1))
+    os.replace(staging, path)
+
+
+def read_calibration(artifact_dir: Path) -> dict | None:
+    """An artifact's calibration, None when it has none (older artifacts)."""
+    path = Path(artifact_dir) / CALIBRATION_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _load_encoders(directory: Path, sequence_length: int, max_tokens: int) -> tuple[TextEncoder, dict[str, LabelMap]]:
@@ -124,8 +147,15 @@ def local_artifact_dir(settings: Settings, version: str, artifact_uri: str) -> P
 class Tagger:
     """Loads an artifact once; tags batches of (decoded image or None, text) products."""
 
-    def __init__(self, artifact_dir: Path, head_model: keras.Model, config: dict, text, label_maps):
+    def __init__(self, artifact_dir: Path, head_model: keras.Model, config: dict, text, label_maps, *,
+                 engine: str = "auto", quantization: str | None = None):
+        from fashion_tagging.engines import resolve_engine
+
         self.artifact_dir = Path(artifact_dir)
+        self.engine = resolve_engine(engine)  # where the backbone runs: "keras" or "litert" (engines.py)
+        self.quantization = quantization  # LiteRT export to run; None: the one training shipped
+        self._embed_pixels = None
+        self._compiled_models: dict[int, object] = {}
         self.model = head_model
         self.config = config
         self.text = text
@@ -137,6 +167,7 @@ class Tagger:
         if self.primary_head not in self.heads:
             raise ValueError(f"{artifact_dir}: the artifact has no {self.primary_head!r} head (heads: {self.heads})")
         self.heads_left_out = dict(config.get("heads_left_out") or {})
+        self.calibration = read_calibration(self.artifact_dir)
         self._backbone = None
         expert_path = self.artifact_dir / IMAGE_EXPERT_FILE
         self.image_expert = keras.saving.load_model(expert_path, compile=False) if expert_path.is_file() else None
@@ -145,12 +176,14 @@ class Tagger:
             if text_expert_path.is_file() else None
 
     @classmethod
-    def load(cls, artifact_dir: str | Path) -> "Tagger":
+    def load(cls, artifact_dir: str | Path, *, engine: str = "auto", quantization: str | None = None) -> "Tagger":
+        """``engine``: see ``engines.ENGINE_CHOICES`` (auto: Keras on a GPU, LiteRT on CPU);
+        ``quantization`` picks a LiteRT export (float32/int8) instead of the one training shipped."""
         artifact_dir = Path(artifact_dir)
         config = read_config(artifact_dir)
         text, label_maps = _load_encoders(artifact_dir, config["max_text_tokens"], config["vocabulary_size"])
         model = keras.saving.load_model(artifact_dir / "model.keras", compile=False)
-        return cls(artifact_dir, model, config, text, label_maps)
+        return cls(artifact_dir, model, config, text, label_maps, engine=engine, quantization=quantization)
 
     @property
     def version(self) -> str:
@@ -185,8 +218,52 @@ class Tagger:
         for start in range(0, len(rows), batch_size):
             chunk = rows[start:start + batch_size]
             pixels = np.stack([to_model_size(images[i], self.image_size) for i in chunk]).astype(np.float32)
-            vectors[chunk] = np.asarray(self.backbone.predict_on_batch(pixels), dtype=np.float32)
+            vectors[chunk] = np.asarray(self.embed_pixels(pixels), dtype=np.float32)
         return vectors, present
+
+    def _compiled(self, model: keras.Model):
+        """``model`` as one traced function (no ``predict`` machinery per call; any batch/token length)."""
+        compiled = self._compiled_models.get(id(model))
+        if compiled is None:
+            import tensorflow as tf
+
+            # One trace for every batch size and token length: the signature is the model's inputs.
+            signature = tf.nest.map_structure(lambda t: tf.TensorSpec(t.shape, t.dtype), model.input)
+            compiled = tf.function(lambda inputs: model(inputs, training=False), input_signature=[signature])
+            self._compiled_models[id(model)] = compiled
+        return compiled
+
+    def _head_outputs(self, inputs: dict, batch_size: int) -> dict[str, np.ndarray]:
+        """The head model's outputs, batched by text length as training batches it.
+
+        Products are sorted by token count and each batch's trailing padding is cut: the LSTM runs
+        as many steps as the batch's longest text, not ``max_text_tokens`` (padding is masked,
+        so the outputs are the same).
+        """
+        tokens = inputs["tokens"]
+        lengths = np.maximum((tokens != 0).sum(axis=1), 1)
+        order = np.argsort(lengths, kind="stable")
+        head = self._compiled(self.model)
+        outputs: dict[str, np.ndarray] = {}
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            batch = {name: value[rows] for name, value in inputs.items()}
+            batch["tokens"] = batch["tokens"][:, :int(lengths[rows].max())]
+            for name, value in head(batch).items():
+                value = np.asarray(value)
+                if name not in outputs:
+                    outputs[name] = np.empty((len(order), *value.shape[1:]), dtype=value.dtype)
+                outputs[name][rows] = value
+        return outputs
+
+    def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """(N, S, S, 3) pixels 0..255 -> (N, 1280) backbone embeddings, on this tagger's engine."""
+        if self._embed_pixels is None:
+            from fashion_tagging.engines import backbone_runner
+
+            self._embed_pixels = backbone_runner(self.engine, self.artifact_dir, lambda: self.backbone,
+                                                 quantization=self.quantization)
+        return self._embed_pixels(pixels)
 
     def predict(self, images: Sequence[np.ndarray | None], texts: Sequence[str], *, batch_size: int = 128,
                 top_k: int = 3) -> TagPredictions:
@@ -196,44 +273,72 @@ class Tagger:
         return self.predict_embeddings(embeddings, has_image, texts, batch_size=batch_size, top_k=top_k)
 
     def _blended_primary(self, outputs: dict, embeddings: np.ndarray, has_image: np.ndarray, texts: list[str],
-                         has_text: np.ndarray, batch_size: int) -> np.ndarray:
-        """Hybrid fusion for the primary head with the blend chosen on val at training time."""
+                         has_text: np.ndarray, batch_size: int, log: bool = False) -> np.ndarray:
+        """Hybrid fusion for the primary head with the blend chosen on val at training time
+        (``log``: as log-probabilities, see ``model.blend_primary``)."""
         blend = self.config["primary_blend"]
         # An expert whose weight is 0 in every situation is not run: tagging is the hot path.
         weights = [blend_weights(entry) for entry in blend.values()]
         image_weighted, text_weighted = (any(w[i] for w in weights) for i in (1, 2))
         expert = text_expert = None
         if self.image_expert is not None and image_weighted and has_image.any():
-            expert = np.asarray(self.image_expert.predict(embeddings, batch_size=batch_size, verbose=0)[self.primary_head])
+            expert = _in_batches(self._compiled(self.image_expert), embeddings, batch_size)[self.primary_head]
         if self.text_expert is not None and text_weighted and has_text.any():
-            text_expert = predict_text_expert(self.text_expert, texts, batch_size)
+            text_expert = np.concatenate([np.asarray(self._compiled(self.text_expert)(texts_tensor(texts[i:i + batch_size])))
+                                          for i in range(0, len(texts), batch_size)])
         primary = self.primary_head
         return blend_primary(np.asarray(outputs[primary]), np.asarray(outputs[f"text_{primary}"]), expert,
-                             has_image, has_text, blend, text_expert)
+                             has_image, has_text, blend, text_expert, log=log)
 
     def predict_embeddings(self, embeddings: np.ndarray, has_image: np.ndarray, texts: Sequence[str], *,
-                           batch_size: int = 256, top_k: int = 3) -> TagPredictions:
-        """Tag from precomputed image embeddings (evaluation and retagging reuse the cache)."""
+                           batch_size: int = 256, top_k: int = 3, calibrated: bool = True,
+                           keep_probabilities: bool = False) -> TagPredictions:
+        """Tag from precomputed image embeddings (evaluation and retagging reuse the cache).
+
+        With the artifact's calibration (unless ``calibrated`` is False) confidences and top-k
+        scores are calibrated and each head's tags are routed (``auto_accepted``); labels are the
+        same either way. ``keep_probabilities``: the raw per-head log-probabilities are returned too
+        (``log_probabilities``: the blended primary head's exact ones, which its rounded softmax
+        would lose, see ``model.blend_primary``).
+        """
         texts = [t if isinstance(t, str) else "" for t in texts]
         has_text = np.array([bool(t.strip()) for t in texts], dtype=bool)
         embeddings = embeddings * has_image[:, None]
         inputs = model_inputs(embeddings, has_image, self.text.encode(texts), has_text)
-        outputs = self.model.predict(inputs, batch_size=batch_size, verbose=0) if len(texts) else None
+        outputs = self._head_outputs(inputs, batch_size) if len(texts) else None
+        log_outputs = {}  # exact log-probabilities where a head has them (the blended primary)
         if outputs is not None and self.config.get("primary_blend"):
             outputs = dict(outputs)
-            outputs[self.primary_head] = self._blended_primary(outputs, inputs["image_embedding"], has_image, texts,
-                                                          has_text, batch_size)
+            log_outputs[self.primary_head] = self._blended_primary(outputs, inputs["image_embedding"], has_image,
+                                                                   texts, has_text, batch_size, log=True)
+            outputs[self.primary_head] = np.exp(log_outputs[self.primary_head])
         labels, confidences, tops = {}, {}, {}
+        calibration = self.calibration if calibrated else None
+        accepted, raw = ({} if calibration else None), ({} if keep_probabilities else None)
         for head in self.heads:  # only the artifact's heads: a head left out at training is absent here
             names = self.label_maps[head].labels
             probs = np.asarray(outputs[head]) if outputs is not None else np.zeros((0, len(names)))
+            if raw is not None:
+                raw[head] = log_outputs[head] if head in log_outputs else log_probabilities(probs)
+            probs = calibrate(probs, calibration, head, log_outputs.get(head))
             best = probs.argmax(axis=1) if len(probs) else np.zeros(0, dtype=int)
             labels[head] = [names[i] for i in best]
-            confidences[head] = probs[np.arange(len(probs)), best].astype(np.float32) if len(probs) else np.zeros(0)
+            top1 = probs[np.arange(len(probs)), best] if len(probs) else np.zeros(0)
+            confidences[head] = top1.astype(np.float32)
+            routed = auto_accepted(top1, calibration, head)
+            if routed is not None:
+                accepted[head] = routed
             order = np.argsort(-probs, axis=1)[:, :top_k] if len(probs) else np.zeros((0, top_k), dtype=int)
             tops[head] = [[(names[j], round(float(row[j]), 4)) for j in idx] for row, idx in zip(probs, order, strict=True)]
         product = np.asarray(outputs["product_embedding"], dtype=np.float32) if outputs is not None \
             else np.zeros((0, self.model.get_layer("product_embedding").units), dtype=np.float32)
         norms = np.linalg.norm(product, axis=1, keepdims=True)
         product = product / np.maximum(norms, 1e-12)
-        return TagPredictions(labels, confidences, tops, embeddings.astype(np.float32), product, has_image, has_text)
+        return TagPredictions(labels, confidences, tops, embeddings.astype(np.float32), product, has_image, has_text,
+                              auto_accepted=accepted or None, log_probabilities=raw)
+
+
+def _in_batches(function, inputs: np.ndarray, batch_size: int) -> dict[str, np.ndarray]:
+    """``function`` (array -> dict of arrays) over ``inputs`` in batches, outputs concatenated."""
+    parts = [function(inputs[start:start + batch_size]) for start in range(0, len(inputs), batch_size)]
+    return {name: np.concatenate([np.asarray(part[name]) for part in parts]) for name in parts[0]}

@@ -106,7 +106,7 @@ def cmd_predict(args) -> int:
     settings = _settings(args)
     version, artifact_dir = model_artifact(settings, args.version)
     print(f"model {version}", file=sys.stderr)
-    tagger = Tagger.load(artifact_dir)
+    tagger = Tagger.load(artifact_dir, engine=settings.inference_engine)
     try:  # the tagging path's decode rule and caps (byte cap before reading, pixel cap, EXIF)
         images = [decode_image(read_photo_file(p), tagger.image_size) if p else None for p in args.image or [None]]
     except ImageDecodeError as error:
@@ -118,6 +118,25 @@ def cmd_predict(args) -> int:
     for i in range(len(images)):
         print(json.dumps({head: {"label": preds.labels[head][i], "confidence": round(float(preds.confidences[head][i]), 4),
                                  "top_k": preds.top_k[head][i]} for head in tagger.heads}))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from fashion_tagging.catalog import load_kaggle_catalog, with_clean_labels
+    from fashion_tagging.engines import build_cpu_exports
+
+    settings = _settings(args)
+    if args.artifact:
+        artifact_dir, version = Path(args.artifact), Path(args.artifact).name
+    else:
+        version, artifact_dir = model_artifact(settings, args.version)
+    products = load_kaggle_catalog(settings.data_dir).products
+    rows = {split: with_clean_labels(products[products["split"] == split].reset_index(drop=True))
+            for split in ("train", "val")}
+    print(f"exporting model {version} for CPU workers (LiteRT float32 + int8 checked on val)", flush=True)
+    report = build_cpu_exports(artifact_dir, rows["train"], rows["val"], seed=settings.seed,
+                               batch_size=settings.inference_batch_size)
+    print(json.dumps(report, indent=1))
     return 0
 
 
@@ -159,6 +178,23 @@ def cmd_similar(args) -> int:
             raise UserError(str(error)) from None
     for product_id, title, article_type, distance in rows:
         print(f"{product_id}\t{distance:.3f}\t{article_type}\t{title}")
+    return 0
+
+
+def cmd_tags(args) -> int:
+    """Products' tags as every reader sees them: a reviewer's value where there is one, else the model's."""
+    from fashion_tagging.db.engine import get_engine
+    from fashion_tagging.db.repository import serving_model
+    from fashion_tagging.review import product_tags
+
+    with get_engine(_settings(args)).connect() as conn:
+        serving = serving_model(conn)
+        version = args.version or (serving["version"] if serving else None)
+        entries = product_tags(conn, args.product_ids, version)
+    print(json.dumps({"model_version": version, "products": entries}, indent=1, default=str))
+    missing = sorted(set(args.product_ids) - {entry["product_id"] for entry in entries})
+    if missing:
+        raise UserError(f"not in the catalog: {', '.join(map(str, missing))}")
     return 0
 
 
@@ -382,6 +418,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--text", action="append", help="title + description (repeatable, same order as --image)")
     sub.add_argument("--version", help="model version (default: the registry's serving model)")
 
+    sub = add("export", cmd_export, "build a model's CPU inference exports (LiteRT float32, and int8 calibrated on "
+                                    "train photos, served only if val articleType accuracy drops <= 0.2 points); "
+                                    "training does this itself")
+    sub.add_argument("--version", help="registered or local model version (default: the serving one)")
+    sub.add_argument("--artifact", help="a model artifact directory instead of a version")
+
     sub = add("embed", cmd_embed, "precompute the frozen-backbone image embeddings of the whole catalog (cached)")
     sub.add_argument("--backbone", choices=["efficientnet-lite0", "efficientnet-b0"])
     sub.add_argument("--image-size", type=int)
@@ -407,6 +449,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("product_id", type=int)
     sub.add_argument("-k", type=int, default=10)
     sub.add_argument("--version", help="model version (default: the serving one)")
+
+    sub = add("tags", cmd_tags, "products' tags as JSON, reviewed values in place of the model's (label, predicted, "
+                                "status, reviewer)")
+    sub.add_argument("product_ids", type=int, nargs="+", metavar="product_id")
+    sub.add_argument("--version", help="whose model tags (default: the serving one)")
 
     add("models", cmd_models, "the model registry (status, gate, test accuracy) and unregistered local models")
     sub = add("status", cmd_status, "the catalog database, the object store, the serving model and the last runs")

@@ -15,6 +15,7 @@ import sqlalchemy as sa
 
 from fashion_tagging.db import repository
 from fashion_tagging.objectstore import ObjectNotFound, local_path, open_uri
+from fashion_tagging.review import reviewed_label_sql
 from fashion_tagging.settings import HEADS, PRIMARY_HEAD, Settings
 
 EVALUATION_MODES = ("fused", "image_only", "text_only")
@@ -26,6 +27,8 @@ CONFIDENCE_BINS = 20
 LOW_CONFIDENCE_LIMIT = 24
 WEAK_SPOTS_LIMIT = 12
 SIMILAR_LIMIT = 12
+GATE_LIMIT = 10
+DRIFT_LIMIT = 20
 
 
 @contextlib.contextmanager
@@ -134,6 +137,37 @@ def read_artifact_file(settings: Settings, version: str, uri: str | None, name: 
     return path.read_bytes() if path.is_file() else None
 
 
+def gate_decisions(conn: sa.Connection, limit: int = GATE_LIMIT) -> list[dict]:
+    """The latest promotion-gate decisions, newest first: the candidate, the production model it was
+    paired with, both accuracies on the same test products, the discordant pairs, the p-value."""
+    rows = conn.execute(sa.text("""
+        SELECT version, status, gate_reason, created_at, metrics -> 'gate' AS gate FROM model_versions
+        WHERE metrics ? 'gate' ORDER BY created_at DESC, version DESC LIMIT :limit
+    """), {"limit": limit}).mappings()
+    decisions = []
+    for row in rows:
+        gate = row["gate"] if isinstance(row["gate"], dict) else {}
+        decisions.append({"version": row["version"], "status": row["status"], "created_at": row["created_at"],
+                          "reason": gate.get("reason") or row["gate_reason"], "promote": gate.get("promote"),
+                          **{key: gate.get(key) for key in (
+                              "candidate_accuracy", "production_version", "production_accuracy", "paired_products",
+                              "candidate_only_right", "production_only_right", "p_value", "significance",
+                              "baseline")}})
+    return decisions
+
+
+def drift_history(conn: sa.Connection, limit: int = DRIFT_LIMIT) -> list[dict]:
+    """Drift of the latest tagging runs against their model's training distribution, oldest first."""
+    rows = conn.execute(sa.text("""
+        SELECT run_id, model_version, products, category_js, category_psi, confidence_js, confidence_psi,
+               threshold, alert, details ->> 'verdict' AS verdict, details -> 'top_shifts' AS top_shifts,
+               (details ->> 'min_products')::int AS min_products, measured_at
+        FROM (SELECT * FROM tagging_drift ORDER BY measured_at DESC, run_id DESC LIMIT :limit) AS latest
+        ORDER BY measured_at, run_id
+    """), {"limit": limit}).mappings()
+    return [dict(row) for row in rows]
+
+
 # --- tagging runs and predictions --------------------------------------------------------------
 
 
@@ -196,11 +230,14 @@ def confidence_histogram(conn: sa.Connection, version: str, bins: int = CONFIDEN
 def low_confidence_products(conn: sa.Connection, version: str, limit: int = LOW_CONFIDENCE_LIMIT) -> list[dict]:
     """The least confident primary-head predictions: the products a person should review first.
 
+    The label shown is a reviewer's value where there is one (``fashion_tagging.review``).
+
     Served by the version partition's (confidence, product_id) index, built when it started serving.
     """
-    rows = conn.execute(sa.text("""
+    rows = conn.execute(sa.text(f"""
         SELECT t.product_id, p.title,
-               t.article_type AS label, t.article_type_confidence AS confidence
+               coalesce({reviewed_label_sql('t.product_id')}, t.article_type) AS label,
+               t.article_type_confidence AS confidence
         FROM tags t JOIN products p ON p.product_id = t.product_id
         WHERE t.model_version = :version AND p.deleted_at IS NULL
         ORDER BY t.article_type_confidence, t.product_id
@@ -236,6 +273,8 @@ def overview(conn: sa.Connection) -> dict:
         "categories": category_distribution(conn, version) if has_tags else [],
         "confidence": confidence_histogram(conn, version) if has_tags else [],
         "low_confidence": low_confidence_products(conn, version) if has_tags else [],
+        "gate_decisions": gate_decisions(conn),
+        "drift": drift_history(conn),
     }
 
 
@@ -243,12 +282,14 @@ def overview(conn: sa.Connection) -> dict:
 
 
 def product_cards(conn: sa.Connection, product_ids: list[int], version: str | None) -> list[dict]:
-    """Title and predicted label of products, in the order of ``product_ids`` (deleted ones left out)."""
+    """Title and label of products (a reviewer's value, else the model's), in the order of ``product_ids``
+    (deleted ones left out)."""
     if not product_ids:
         return []
-    rows = conn.execute(sa.text("""
+    rows = conn.execute(sa.text(f"""
         SELECT p.product_id, p.title,
-               t.article_type AS label, t.article_type_confidence AS confidence
+               coalesce({reviewed_label_sql('p.product_id')}, t.article_type) AS label,
+               t.article_type_confidence AS confidence
         FROM products p
         LEFT JOIN tags t ON t.product_id = p.product_id AND t.model_version = :version
         WHERE p.product_id = ANY(:ids) AND p.deleted_at IS NULL

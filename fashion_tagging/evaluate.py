@@ -1,4 +1,8 @@
-"""Evaluation on a fixed split: accuracy + macro-F1 per modality, every head, vs the 0.91 baseline.
+"""Evaluation on a fixed split: accuracy + macro-F1 per modality, every head, vs the 0.91 baseline,
+and per head the calibration (ECE before/after) and review routing (share auto-accepted, its accuracy).
+
+Scores are scikit-learn's (accuracy, macro-F1, per-class report, confusion matrix; calibration.py
+bins the ECE with its ``calibration_curve``).
 
 Writes ``metrics.json``, ``report.md`` and ``confusion_articleType.png`` into the artifact
 directory (the registry and the UI read them from there). Every product of the split counts,
@@ -16,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from fashion_tagging.artifacts import FINE_TUNED_BACKBONE_FILE, Tagger
+from fashion_tagging.calibration import calibration_report
 from fashion_tagging.catalog import load_kaggle_catalog, with_clean_labels
 from fashion_tagging.features import catalog_image_embeddings
 from fashion_tagging.model import MODES, modality_view
@@ -26,21 +31,19 @@ CONFUSION_TOP_CLASSES = 30
 
 
 def classification_scores(true: list[str], predicted: list[str]) -> dict:
-    """Accuracy, macro-F1 over the classes present in ``true``, and per-class precision/recall/F1."""
-    true_arr, pred_arr = np.asarray(true, dtype=object), np.asarray(predicted, dtype=object)
-    per_class = {}
-    for label in sorted(set(true)):
-        tp = int(np.sum((pred_arr == label) & (true_arr == label)))
-        predicted_n = int(np.sum(pred_arr == label))
-        support = int(np.sum(true_arr == label))
-        precision = tp / predicted_n if predicted_n else 0.0
-        recall = tp / support if support else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        per_class[label] = {"precision": round(precision, 4), "recall": round(recall, 4), "f1": round(f1, 4),
-                            "support": support}
-    accuracy = float(np.mean(true_arr == pred_arr)) if len(true_arr) else 0.0
-    macro_f1 = float(np.mean([c["f1"] for c in per_class.values()])) if per_class else 0.0
-    return {"accuracy": round(accuracy, 4), "macro_f1": round(macro_f1, 4), "n": len(true_arr), "per_class": per_class}
+    """Accuracy, macro-F1 over the classes present in ``true``, and per-class precision/recall/F1 (scikit-learn)."""
+    from sklearn.metrics import accuracy_score, classification_report, f1_score
+
+    if not len(true):
+        return {"accuracy": 0.0, "macro_f1": 0.0, "n": 0, "per_class": {}}
+    classes = sorted(set(true))
+    report = classification_report(true, predicted, labels=classes, output_dict=True, zero_division=0)
+    per_class = {label: {"precision": round(report[label]["precision"], 4), "recall": round(report[label]["recall"], 4),
+                         "f1": round(report[label]["f1-score"], 4), "support": int(report[label]["support"])}
+                 for label in classes}
+    return {"accuracy": round(float(accuracy_score(true, predicted)), 4),
+            "macro_f1": round(float(f1_score(true, predicted, labels=classes, average="macro", zero_division=0)), 4),
+            "n": len(true), "per_class": per_class}
 
 
 def confusion_png(true: list[str], predicted: list[str], path: Path, title: str) -> None:
@@ -50,12 +53,11 @@ def confusion_png(true: list[str], predicted: list[str], path: Path, title: str)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from sklearn.metrics import confusion_matrix
+
     classes = pd.Series(true).value_counts().index[:CONFUSION_TOP_CLASSES].tolist()
-    index = {c: i for i, c in enumerate(classes)}
-    matrix = np.zeros((len(classes), len(classes)))
-    for t, p in zip(true, predicted, strict=True):
-        if t in index and p in index:
-            matrix[index[t], index[p]] += 1
+    # Products whose true or predicted class is not among ``classes`` are left out, as sklearn does.
+    matrix = confusion_matrix(true, predicted, labels=classes).astype(float)
     matrix = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
     fig, ax = plt.subplots(figsize=(11, 10), dpi=90)
     image = ax.imshow(matrix, cmap="Blues", vmin=0, vmax=1)
@@ -94,9 +96,22 @@ def markdown_report(report: dict) -> str:
               "| class | F1 | recall | support |", "| --- | --- | --- | --- |"]
     for spot in report["weak_spots"]:
         lines.append(f"| {spot['label']} | {spot['f1']:.3f} | {spot['recall']:.3f} | {spot['support']} |")
+    calibration = report.get("calibration") or {}
+    if calibration:
+        lines += ["", "Calibration (temperature per head, fitted on val) and review routing at the val thresholds:", "",
+                  "| head | ECE before | ECE after | target precision | auto-accepted | their accuracy |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for head, c in calibration.items():
+            lines.append(f"| {head} | {_fmt(c.get('ece_before'))} | {_fmt(c.get('ece_after'))} | "
+                         f"{_fmt(c.get('target_precision'), 2)} | {_fmt(c.get('coverage'))} | "
+                         f"{_fmt(c.get('accepted_accuracy'))} |")
     res = report["resources"]
     lines += ["", f"Evaluate wall time {res['evaluate_seconds']:.1f} s; peak RSS {res['peak_rss_mib']:.0f} MiB."]
     return "\n".join(lines) + "\n"
+
+
+def _fmt(value, digits: int = 4) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
 
 
 def peak_rss_mib() -> float:
@@ -104,6 +119,49 @@ def peak_rss_mib() -> float:
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     return max(own, children) / 1024
+
+
+def split_embeddings(tagger: Tagger, artifact_dir: Path, rows: pd.DataFrame, settings: Settings, *,
+                     progress: bool = False):
+    """The rows' image embeddings as this model computes them, from the cache where present.
+
+    A fine-tuned backbone's embeddings belong to that model alone (cached under its artifact),
+    never to the shared cache.
+    """
+    fine_tuned = (Path(artifact_dir) / FINE_TUNED_BACKBONE_FILE).is_file()
+    return catalog_image_embeddings(
+        rows["id"], rows["image_path"].tolist(), backbone_name=tagger.backbone_name, image_size=tagger.image_size,
+        cache_dir=Path(artifact_dir) / "cache" if fine_tuned else settings.cache_dir,
+        batch_size=settings.inference_batch_size, progress=progress,
+        backbone=tagger.backbone if fine_tuned else None,
+    )
+
+
+def primary_predictions(artifact_dir: str | Path, settings: Settings, rows: pd.DataFrame, *,
+                        progress: bool = False) -> list[str]:
+    """A model's fused primary-head label for each of ``rows`` (the gate's paired predictions)."""
+    artifact_dir = Path(artifact_dir)
+    tagger = Tagger.load(artifact_dir)
+    embeddings = split_embeddings(tagger, artifact_dir, rows, settings, progress=progress)
+    predictions = tagger.predict_embeddings(embeddings.vectors, embeddings.has_image,
+                                            rows["text"].fillna("").tolist(), batch_size=settings.inference_batch_size)
+    return list(predictions.labels[tagger.primary_head])
+
+
+def paired_scores(truth: list[str], candidate: list[str], production: list[str]) -> dict:
+    """Both models' accuracy on the same products and their discordant pairs (McNemar's b and c)."""
+    truth_arr = np.asarray(truth, dtype=object)
+    labelled = truth_arr != ""
+    candidate_right = (np.asarray(candidate, dtype=object) == truth_arr)[labelled]
+    production_right = (np.asarray(production, dtype=object) == truth_arr)[labelled]
+    n = int(labelled.sum())
+    return {"products": n,
+            "candidate_accuracy": round(float(candidate_right.mean()), 4) if n else 0.0,
+            "production_accuracy": round(float(production_right.mean()), 4) if n else 0.0,
+            "candidate_only_right": int(np.sum(candidate_right & ~production_right)),
+            "production_only_right": int(np.sum(~candidate_right & production_right)),
+            "both_right": int(np.sum(candidate_right & production_right)),
+            "both_wrong": int(np.sum(~candidate_right & ~production_right))}
 
 
 def evaluate(artifact_dir: str | Path, settings: Settings, *, split: str = "test",
@@ -120,19 +178,12 @@ def evaluate(artifact_dir: str | Path, settings: Settings, *, split: str = "test
     rows = with_clean_labels(products[products["split"] == split].reset_index(drop=True), tagger.heads)
     if rows.empty:
         raise ValueError(f"no products in split {split!r}")
-    fine_tuned = (artifact_dir / FINE_TUNED_BACKBONE_FILE).is_file()
-    embeddings = catalog_image_embeddings(
-        rows["id"], rows["image_path"].tolist(), backbone_name=tagger.backbone_name, image_size=tagger.image_size,
-        # A fine-tuned backbone's embeddings belong to that model alone, never to the shared cache.
-        cache_dir=artifact_dir / "cache" if fine_tuned else settings.cache_dir,
-        batch_size=settings.inference_batch_size, progress=progress,
-        backbone=tagger.backbone if fine_tuned else None,
-    )
+    embeddings = split_embeddings(tagger, artifact_dir, rows, settings, progress=progress)
     texts = rows["text"].fillna("").tolist()
     modes, predictions = {}, {}
     for mode in MODES:
         vectors, has_image, mode_texts = modality_view(mode, embeddings.vectors, embeddings.has_image, texts)
-        preds = tagger.predict_embeddings(vectors, has_image, mode_texts)
+        preds = tagger.predict_embeddings(vectors, has_image, mode_texts, keep_probabilities=mode == "fused")
         predictions[mode] = preds
         heads = tagger.heads if mode == "fused" else (primary,)
         modes[mode] = {}
@@ -163,6 +214,8 @@ def evaluate(artifact_dir: str | Path, settings: Settings, *, split: str = "test
         if scored_no_image.any() else None,
         "modes": modes,
         "weak_spots": weak,
+        # ECE before/after calibration, share auto-accepted at the val thresholds and its accuracy
+        "calibration": calibration_report(tagger, predictions["fused"].log_probabilities, rows, tagger.calibration),
         "resources": {"evaluate_seconds": round(time.perf_counter() - started, 1), "peak_rss_mib": round(peak_rss_mib(), 1)},
         "train_config": {k: tagger.config.get(k) for k in ("epochs_run", "timings", "best_val_article_type_accuracy")},
     }

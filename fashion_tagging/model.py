@@ -197,8 +197,13 @@ def blend_weights(entry) -> tuple[float, float, float]:
 
 
 def blend_primary(fused: np.ndarray, text_head: np.ndarray, expert: np.ndarray | None, has_image: np.ndarray,
-                  has_text: np.ndarray, blend: dict, text_expert: np.ndarray | None = None) -> np.ndarray:
+                  has_text: np.ndarray, blend: dict, text_expert: np.ndarray | None = None, *,
+                  log: bool = False) -> np.ndarray:
     """Primary-head probabilities: fused · text_head^wt · expert^wi · text_expert^wx, renormalised.
+
+    ``log``: the normalised log-probabilities instead. Weights up to 8 sharpen the product so far
+    that most probabilities round to exactly 1.0; the log form keeps the margins (calibration.py
+    rescales them).
 
     ``blend`` maps a situation to ``[wt, wi]`` or ``[wt, wi, wx]``; text weights only apply
     where there is text and the image weight only where there is an image, so a missing
@@ -216,7 +221,8 @@ def blend_primary(fused: np.ndarray, text_head: np.ndarray, expert: np.ndarray |
             log_p[rows] += image_weight * np.log(np.maximum(expert[rows], _LOG_FLOOR))
     log_p -= log_p.max(axis=1, keepdims=True)
     probs = np.exp(log_p)
-    return probs / probs.sum(axis=1, keepdims=True)
+    total = probs.sum(axis=1, keepdims=True)
+    return log_p - np.log(total) if log else probs / total
 
 
 def choose_blend(mode_outputs: dict, expert: np.ndarray | None, has_image: np.ndarray, has_text: np.ndarray,

@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 CATALOG_TAGS_ASSET = {"name": "catalog_tags", "uri": "fashion_tagging://catalog/tags"}
 MODEL_PROMOTED_ASSET = {"name": "model_promoted", "uri": "fashion_tagging://models/promoted"}
 TAGGING_BACKLOG_ASSET = {"name": "tagging_backlog", "uri": "fashion_tagging://catalog/backlog"}
+# Emitted by a tagging run whose tags drifted from the training distribution: a DAG scheduled on it
+# is the Airflow-side alert hook (the event's extra holds the run and its figures).
+DRIFT_ALERT_ASSET = {"name": "drift_alert", "uri": "fashion_tagging://catalog/drift_alert"}
 
 # Airflow refuses to map a list longer than [core] max_map_length (1024 by default).
 AIRFLOW_MAX_MAP_LENGTH = 1024
@@ -123,7 +126,8 @@ def plan_tagging_run(settings: Settings, discovered: dict) -> list[dict]:
     with catalog_engine(settings).begin() as conn:
         for version in discovered["versions"]:
             room = cap - len(descriptors)
-            size = min(max(math.ceil(version["backlog"] / max(room, 1)), chunk), task_max_products(settings))
+            size = min(max(math.ceil(version["backlog"] / max(room, 1)), chunk, int(settings.tagging_task_min_products)),
+                       task_max_products(settings))
             for batch in repository.plan_tagging_batches(conn, version["version"], discovered["run_id"],
                                                          target_seq=discovered["target_seq"], max_batches=room,
                                                          products_per_batch=size):
@@ -202,11 +206,51 @@ def finish_tagging_run(settings: Settings, discovered: dict) -> dict:
     return summary
 
 
+def check_tagging_drift(settings: Settings, discovered: dict) -> dict:
+    """Compare what this run tagged with each tagging model's training distribution; store and alert.
+
+    One ``tagging_drift`` row per version that tagged products in the run (an upsert: a retried
+    check replaces it). A version whose artifact has no calibration.json (no reference) is skipped
+    and named. An alert logs a warning and calls ``FT_DRIFT_ALERT_CALLBACK`` (see drift.py).
+    """
+    from fashion_tagging import drift
+    from fashion_tagging.dashboard import read_artifact_file
+    from fashion_tagging.db import repository
+
+    run_id = discovered["run_id"]
+    engine = catalog_engine(settings)
+    with engine.connect() as conn:
+        counts = repository.run_tag_counts(conn, run_id)
+        uris = {version: repository.get_model(conn, version)["artifact_uri"] for version in counts}
+    reports, skipped = [], {}
+    for version, version_counts in counts.items():
+        raw = read_artifact_file(settings, version, uris[version], "calibration.json")
+        reference = (json.loads(raw) if raw else {}).get("training_distribution")
+        if not reference:
+            skipped[version] = "the artifact has no calibration.json (trained before calibration): no reference"
+            continue
+        report = drift.measure(run_id, version, version_counts, reference, threshold=settings.drift_threshold,
+                               min_products=settings.drift_min_products)
+        with engine.begin() as conn:
+            repository.record_drift(conn, report)
+        log.info("drift of run %s, model %s: %s", run_id, version, report["details"]["verdict"])
+        if report["alert"]:
+            drift.raise_alert(report, settings.drift_alert_callback)
+        reports.append({key: report[key] for key in ("model_version", "products", "category_js", "category_psi",
+                                                     "confidence_js", "confidence_psi", "threshold", "alert")})
+    return {"run_id": run_id, "alert": any(r["alert"] for r in reports), "reports": reports, "skipped": skipped}
+
+
 # --- retraining --------------------------------------------------------------------------------
 
 
 def snapshot_training_data(settings: Settings) -> dict:
-    """Freeze the labelled catalog (rows with a split, deleted ones left out) into a Parquet object in the store."""
+    """Freeze the labelled catalog (rows with a split, deleted ones left out) into a Parquet object in the store.
+
+    Reviewers' values are the labels (``review.apply_review_labels``): they replace the catalog's
+    label of their head, and a reviewed product without a split joins ``train``. The summary's
+    ``review_labels`` says how many were used (and how many were corrections of the model).
+    """
     import io
 
     import pandas as pd
@@ -215,15 +259,17 @@ def snapshot_training_data(settings: Settings) -> dict:
     from fashion_tagging.db.repository import PRODUCT_COLUMN_MAP
     from fashion_tagging.db.schema import products
     from fashion_tagging.objectstore import open_configured_store
+    from fashion_tagging.review import REVIEW_LABELS_KEY, apply_review_labels, reviewed_products_clause
 
     snapshot_id = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
     ingested = ingest_new_manifests(settings, f"snapshot-{snapshot_id}")
     engine = catalog_engine(settings)
     columns = [products.c[name].label(alias) for alias, name in PRODUCT_COLUMN_MAP.items() if alias != "source"]
-    query = sa.select(*columns).where(products.c.split.is_not(None), products.c.deleted_at.is_(None)) \
-        .order_by(products.c.product_id)
+    labelled = sa.or_(products.c.split.is_not(None), reviewed_products_clause(products.c.product_id))
+    query = sa.select(*columns).where(labelled, products.c.deleted_at.is_(None)).order_by(products.c.product_id)
     with engine.connect() as conn:
         frame = pd.read_sql(query, conn)
+        frame, review_labels = apply_review_labels(conn, frame)
     if frame.empty:
         raise ValueError("no labelled products in the catalog database: ingest the reference catalog first")
     key = f"{SNAPSHOTS_PREFIX}{snapshot_id}.parquet"
@@ -232,7 +278,11 @@ def snapshot_training_data(settings: Settings) -> dict:
     open_configured_store(settings).put(key, buffer.getvalue())
     splits = {str(k): int(v) for k, v in frame["split"].value_counts().items()}
     log.info("snapshot %s: %d labelled products %s", key, len(frame), splits)
-    return {"snapshot_key": key, "products": len(frame), "splits": splits, "ingested": ingested}
+    log.info("snapshot %s: %d reviewed labels used as training labels (%d corrections of the model, "
+             "%d changed the catalog's label, %d reviewed products added to train)", key, review_labels["labels"],
+             review_labels["corrections"], review_labels["changed_labels"], review_labels["added_to_train"])
+    return {"snapshot_key": key, "products": len(frame), "splits": splits, "ingested": ingested,
+            REVIEW_LABELS_KEY: review_labels}
 
 
 def load_snapshot(settings: Settings, snapshot: dict, splits: tuple[str, ...], *, backbone: str, image_size: int,
@@ -299,6 +349,7 @@ def candidate_settings(settings: Settings, params: dict) -> Settings:
 def train_model(settings: Settings, params: dict, snapshot: dict) -> dict:
     """Train a candidate on the snapshot's train/val splits; its artifact goes to the object store."""
     from fashion_tagging.artifacts import read_config
+    from fashion_tagging.review import REVIEW_LABELS_KEY, record_in_artifact
     from fashion_tagging.train import fine_tune_mode, train
 
     settings = candidate_settings(settings, params)
@@ -307,16 +358,27 @@ def train_model(settings: Settings, params: dict, snapshot: dict) -> dict:
                           image_size=settings.image_size, need_all_images=mode == "full",
                           need_top_inputs=mode == "top")
     result = train(settings, products=frame, epochs=settings.epochs, progress=False, fine_tune=mode)
+    review_labels = snapshot.get(REVIEW_LABELS_KEY) or {}
+    record_in_artifact(result.artifact_dir, review_labels)  # config.json says which reviewed labels it learnt
+    log.info("%s trained with %d reviewed labels (%d corrections)", result.version, review_labels.get("labels", 0),
+             review_labels.get("corrections", 0))
     artifact_uri = publish_artifact(settings, result.artifact_dir)
     config = read_config(result.artifact_dir)
     return {"version": result.version, "artifact_uri": artifact_uri, "backbone": config["backbone"],
             "image_size": int(config["image_size"]), "fine_tuned": bool(config.get("fine_tuned", False)),
             "epochs_run": config.get("epochs_run"), "timings": result.timings,
-            "best_val_article_type_accuracy": config.get("best_val_article_type_accuracy")}
+            "best_val_article_type_accuracy": config.get("best_val_article_type_accuracy"),
+            REVIEW_LABELS_KEY: review_labels}
 
 
 def evaluate_model(settings: Settings, trained: dict, snapshot: dict, *, split: str = "test") -> dict:
-    """Evaluate the candidate on the snapshot's fixed test split; the full report joins the artifact."""
+    """Score the candidate, and the production model, on the same snapshot's fixed test split.
+
+    The candidate's full report joins its artifact. The production model (promoted or serving,
+    if any) predicts the very same products in this task, so the gate compares paired
+    predictions (``paired``: both accuracies and the discordant pairs) rather than a figure the
+    production model got on another snapshot.
+    """
     from fashion_tagging.evaluate import evaluate
 
     artifact_dir = fetch_artifact(settings, trained["version"])
@@ -332,37 +394,89 @@ def evaluate_model(settings: Settings, trained: dict, snapshot: dict, *, split: 
         "image_only_accuracy": report["modes"]["image_only"][PRIMARY_HEAD]["accuracy"],
         "text_only_accuracy": report["modes"]["text_only"][PRIMARY_HEAD]["accuracy"],
         "head_accuracy": {head: scores["accuracy"] for head, scores in fused.items()},
+        "calibration": {head: {key: scores.get(key) for key in ("ece_before", "ece_after", "coverage",
+                                                                 "accepted_accuracy")}
+                        for head, scores in (report.get("calibration") or {}).items()},
+        "paired": paired_with_production(settings, trained, artifact_dir, snapshot, frame, split),
     }
 
 
-def production_metrics(settings: Settings) -> dict | None:
-    """Version and test accuracy of the newest promoted-or-serving model (what a candidate must beat)."""
+def paired_with_production(settings: Settings, trained: dict, artifact_dir: Path, snapshot: dict, frame,
+                           split: str) -> dict | None:
+    """Candidate and production fused articleType predictions on the same products; None without production."""
+    from fashion_tagging.catalog import with_clean_labels
     from fashion_tagging.db import repository
+    from fashion_tagging.evaluate import paired_scores, primary_predictions
 
     with catalog_engine(settings).connect() as conn:
         production = repository.production_model(conn)
-    if not production:
+    if production is None or production["version"] == trained["version"]:
         return None
-    return {"version": production["version"], "article_type_accuracy": production["article_type_accuracy"]}
+    production_dir = fetch_artifact(settings, production["version"])
+    same_inputs = (production["backbone"], int(production["image_size"])) == (trained["backbone"],
+                                                                            int(trained["image_size"]))
+    production_frame = frame if same_inputs and (trained["fine_tuned"] or not production["fine_tuned"]) else \
+        load_snapshot(settings, snapshot, (split,), backbone=production["backbone"],
+                      image_size=int(production["image_size"]), need_all_images=bool(production["fine_tuned"]))
+    rows = with_clean_labels(frame, (PRIMARY_HEAD,))
+    production_rows = with_clean_labels(production_frame, (PRIMARY_HEAD,))
+    if rows["id"].tolist() != production_rows["id"].tolist():  # one snapshot, one order: never expected
+        raise RuntimeError("the candidate's and the production model's test rows differ: cannot pair them")
+    candidate = primary_predictions(artifact_dir, settings, rows)
+    production_labels = primary_predictions(production_dir, settings, production_rows)
+    scores = paired_scores(rows[PRIMARY_HEAD].tolist(), candidate, production_labels)
+    log.info("paired on %d %s products: candidate %s %.4f, production %s %.4f; only the candidate right on %d, "
+             "only production right on %d", scores["products"], split, trained["version"],
+             scores["candidate_accuracy"], production["version"], scores["production_accuracy"],
+             scores["candidate_only_right"], scores["production_only_right"])
+    return {"production_version": production["version"], "split": split, **scores}
 
 
-def gate(candidate_metrics: dict, production_metrics: dict | None, baseline: float) -> dict:
-    """Promote only if articleType accuracy >= baseline AND not worse than the production model."""
-    candidate = float(candidate_metrics["article_type_accuracy"])
-    production = production_metrics.get("article_type_accuracy") if production_metrics else None
-    figures = {"candidate_version": candidate_metrics.get("version"), "candidate_accuracy": candidate,
-               "baseline": float(baseline), "production_version": (production_metrics or {}).get("version"),
-               "production_accuracy": None if production is None else float(production)}
+def mcnemar_exact_p_value(candidate_only_right: int, production_only_right: int) -> float:
+    """One-sided exact McNemar test: P(at least ``b`` of the ``b + c`` discordant pairs favour the candidate)
+    if both models were equally good (each discordant pair a fair coin); 1.0 without discordant pairs."""
+    from scipy.stats import binomtest
+
+    b, c = int(candidate_only_right), int(production_only_right)
+    if b + c == 0:
+        return 1.0
+    return float(binomtest(b, b + c, 0.5, alternative="greater").pvalue)
+
+
+def gate(evaluation: dict, baseline: float, significance: float) -> dict:
+    """Promote only if articleType accuracy >= baseline AND (no production model, or the candidate is
+    significantly better than production on the same test products: one-sided exact McNemar test,
+    p < ``significance``). Ties and noise never promote."""
+    candidate = float(evaluation["article_type_accuracy"])
+    paired = evaluation.get("paired")
+    figures = {"candidate_version": evaluation.get("version"), "candidate_accuracy": candidate,
+               "baseline": float(baseline), "significance": float(significance),
+               "test": "McNemar exact, one-sided (binomial test on discordant pairs)",
+               "production_version": None, "production_accuracy": None, "paired_products": None,
+               "candidate_only_right": None, "production_only_right": None, "p_value": None}
+    if paired:
+        figures.update({"production_version": paired["production_version"],
+                        "production_accuracy": float(paired["production_accuracy"]),
+                        "paired_products": int(paired["products"]),
+                        "candidate_only_right": int(paired["candidate_only_right"]),
+                        "production_only_right": int(paired["production_only_right"]),
+                        "p_value": round(mcnemar_exact_p_value(paired["candidate_only_right"],
+                                                               paired["production_only_right"]), 6)})
     if candidate < baseline:
         reason = f"articleType accuracy {candidate:.4f} is below the baseline {baseline:.4f}"
         return {"promote": False, "reason": reason, **figures}
-    if production is not None and candidate < float(production):
-        reason = (f"articleType accuracy {candidate:.4f} is worse than production "
-                  f"{figures['production_version']} ({float(production):.4f})")
-        return {"promote": False, "reason": reason, **figures}
-    versus = "no production model yet" if production is None else f"production {float(production):.4f}"
-    reason = f"articleType accuracy {candidate:.4f} >= baseline {baseline:.4f} and {versus}"
-    return {"promote": True, "reason": reason, **figures}
+    if not paired:
+        reason = f"articleType accuracy {candidate:.4f} >= baseline {baseline:.4f} and no production model yet"
+        return {"promote": True, "reason": reason, **figures}
+    versus = (f"production {paired['production_version']} on the same {figures['paired_products']} test products: "
+              f"{candidate:.4f} vs {figures['production_accuracy']:.4f}, only the candidate right on "
+              f"{figures['candidate_only_right']}, only production right on {figures['production_only_right']}, "
+              f"one-sided exact McNemar p = {figures['p_value']:.4g}")
+    if figures["p_value"] < significance:
+        reason = f"articleType accuracy {candidate:.4f} >= baseline {baseline:.4f} and significantly better than {versus}"
+        return {"promote": True, "reason": reason, **figures}
+    reason = f"not significantly better (p >= {significance:g}) than {versus}"
+    return {"promote": False, "reason": reason, **figures}
 
 
 def register_and_promote(settings: Settings, trained: dict, evaluation: dict, decision: dict) -> dict:
@@ -374,10 +488,11 @@ def register_and_promote(settings: Settings, trained: dict, evaluation: dict, de
     with catalog_engine(settings).begin() as conn:
         repository.register_model(
             conn, trained["version"], trained["backbone"], trained["image_size"], trained["fine_tuned"],
-            trained["artifact_uri"], metrics={**artifact_metrics(settings, trained["version"]), "gate": decision},
+            trained["artifact_uri"], metrics={**artifact_metrics(settings, trained["version"]), "gate": decision,
+                                              "review_labels": trained.get("review_labels") or {}},
             article_type_accuracy=evaluation["article_type_accuracy"])
         if decision["promote"]:
-            repository.promote_model(conn, trained["version"])
+            repository.promote_model(conn, trained["version"], decision["reason"])
         else:
             repository.reject_model(conn, trained["version"], decision["reason"])
     return {"version": trained["version"], "status": status, "promoted": bool(decision["promote"]),

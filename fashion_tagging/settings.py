@@ -123,10 +123,21 @@ class Settings(BaseSettings):
                              "merged into \"Other\" per head.")
 
     # Serving / tagging.
+    inference_engine: Literal["auto", "keras", "litert"] = Field(
+        "auto", description="Where tagging runs the image backbone: litert = its LiteRT export with XNNPACK (int8 when "
+                            "training shipped it), keras = TensorFlow/Keras (mixed precision on a GPU); auto = keras "
+                            "where TensorFlow sees a GPU, else litert.")
     inference_batch_size: int = Field(128, ge=1, description="Batch size of prediction (tagging, evaluation).")
-    # Products per transaction of a tagging task (its commit and resume unit).
+    # Products per transaction of a tagging task (its commit and resume unit). A task pipelines
+    # its transactions (reads the next and writes the previous while one is inferred); only its
+    # first read and last write stand alone, so a task spans several transactions.
     tagging_batch_size: int = Field(
-        1000, ge=1, description="Products per transaction of a tagging task (its commit and resume unit).")
+        250, ge=1, description="Products per transaction of a tagging task (its commit and resume unit).")
+    # The smallest range a mapped tagging task takes on: several transactions, so they overlap.
+    tagging_task_min_products: int = Field(
+        1000, ge=1, description="Smallest range of products one mapped tagging task takes on (a small backlog "
+                                "makes fewer, bigger tasks: a task overlaps its transactions' reads, inference "
+                                "and writes).")
     # Mapped tagging tasks per DAG run, whatever the catalog size: well under Airflow's
     # [core] max_map_length (1024). A bigger backlog gets bigger tasks, then more runs.
     tagging_max_tasks: int = Field(
@@ -146,8 +157,36 @@ class Settings(BaseSettings):
     gpu_pool: str = Field("gpu", min_length=1, description="Airflow pool of the GPU tasks.")
     baseline_accuracy: float = Field(
         BASELINE_ACCURACY, ge=0, le=1,
-        description="Promotion gate: a candidate needs this articleType test accuracy (and no worse than "
-                    "production).")
+        description="Promotion gate: a candidate needs this articleType test accuracy, and to beat the production "
+                    "model significantly on the same test products (FT_GATE_SIGNIFICANCE).")
+    gate_significance: float = Field(
+        0.05, gt=0, lt=1,
+        description="Promotion gate: significance level of the one-sided exact McNemar test (binomial test on the "
+                    "test products exactly one of candidate and production gets right) the candidate must pass "
+                    "against the production model; ties and noise never promote.")
+
+    # Calibrated confidence and review routing (calibration.py): thresholds chosen on val at training.
+    target_precision: float = Field(
+        0.99, gt=0, le=1,
+        description="articleType tags are auto-accepted above the calibrated confidence at which they reach this "
+                    "precision on val (chosen at training); the rest need review.")
+    target_precision_other_heads: float = Field(
+        0.95, gt=0, le=1,
+        description="The same target precision for every other head (subCategory, gender, ...).")
+
+    # Drift of the nightly runs against the training distribution (drift.py).
+    drift_threshold: float = Field(
+        0.1, gt=0, le=1,
+        description="Drift alert: a tagging run whose predicted articleType distribution (top 20 training "
+                    "categories + the rest) or articleType confidence histogram is further than this Jensen-Shannon "
+                    "divergence (base 2) from the model's training distribution raises an alert.")
+    drift_min_products: int = Field(
+        100, ge=1,
+        description="Drift alert: runs that tagged fewer products are measured but never alert (too few to tell "
+                    "drift from noise).")
+    drift_alert_callback: str = Field(
+        "", description="Drift alert hook: `module:function` called with the drift report (a dict) when a run "
+                        "alerts, besides the log warning, the page's flag and the drift_alert Asset event; empty: none.")
 
     @field_validator("mode", mode="before")
     @classmethod

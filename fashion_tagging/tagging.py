@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import sqlalchemy as sa
@@ -129,31 +130,60 @@ def tag_work_batch(batch_id: int, *, settings: Settings, run_id: str, engine: sa
             return current is not None and current["status"] not in repository.BATCH_CLOSED \
                 and current["done_seq"] == start
 
-        while True:
+        def load(start):  # the chunk after change_seq ``start``: rows, then photos fetched and decoded
             with engine.connect() as conn:
-                rows = repository.products_in_range(conn, done_seq, batch["seq_to"], chunk_size)
+                rows = repository.products_in_range(conn, start, batch["seq_to"], chunk_size)
             if not rows:
-                break
-            tick, last_seq = time.perf_counter(), rows[-1].change_seq
-            written = _tag_rows(rows, [row.product_id for row in rows], settings=settings, engine=engine,
-                                store=store, tagger=tagger, result=result,
-                                claim=lambda conn, start=done_seq: claim(conn, start),
-                                in_transaction=lambda conn, counts, s=last_seq, t=tick: repository.advance_batch(
-                                    conn, batch_id, s, **counts, seconds=time.perf_counter() - t))
-            if not written:  # another worker committed this chunk first, or the batch was closed
-                current = locked["batch"]
-                if current is None or current["status"] in repository.BATCH_CLOSED:
-                    log.info("batch %s is %s: stopping without writing", batch_id,
-                             current["status"] if current else "deleted")
-                    closed = True
+                return rows, None
+            return rows, _gather_inputs(rows, [row.product_id for row in rows], store, tagger.image_size, result)
+
+        # Three stages, one chunk each: the next chunk is read, fetched and decoded (a thread of I/O
+        # and Pillow) and the previous one written (a thread holding its transaction) while this
+        # one is inferred. Writes stay in chunk order, each claiming the progress the one before
+        # left; a chunk whose write finds another worker's progress drops the chunk behind it too.
+        prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"batch-{batch_id}-read")
+        writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"batch-{batch_id}-write")
+        writing = None  # (future, rows, last_seq) of the chunk being written
+
+        def write(inputs, predictions, start, last_seq, tick):
+            return _write_inputs(inputs, predictions, engine=engine, result=result,
+                                 claim=lambda conn: claim(conn, start),
+                                 in_transaction=lambda conn, counts: repository.advance_batch(
+                                     conn, batch_id, last_seq, **counts, seconds=time.perf_counter() - tick))
+
+        try:
+            pending = prefetch.submit(load, done_seq)
+            while True:
+                rows, inputs = pending.result()
+                if rows:
+                    tick, last_seq = time.perf_counter(), rows[-1].change_seq
+                    pending = prefetch.submit(load, last_seq)
+                    predictions = _predict_inputs(inputs, settings=settings, engine=engine, tagger=tagger,
+                                                  result=result)
+                if writing is not None:  # the chunk before this one: settle it before writing this one
+                    future, written_rows, written_seq = writing
+                    writing = None
+                    if not future.result():  # another worker committed it first, or the batch was closed
+                        current = locked["batch"]
+                        if current is None or current["status"] in repository.BATCH_CLOSED:
+                            log.info("batch %s is %s: stopping without writing", batch_id,
+                                     current["status"] if current else "deleted")
+                            closed = True
+                            break
+                        log.info("batch %s: another worker wrote past change_seq %s; resuming at %s", batch_id,
+                                 done_seq, current["done_seq"])
+                        done_seq = current["done_seq"]
+                        pending = prefetch.submit(load, done_seq)  # this chunk's work is dropped
+                        continue
+                    result.requested += len(written_rows)
+                    done_seq = written_seq
+                    progress.update(len(written_rows))
+                if not rows:
                     break
-                log.info("batch %s: another worker wrote past change_seq %s; resuming at %s", batch_id, done_seq,
-                         current["done_seq"])
-                done_seq = current["done_seq"]
-                continue
-            result.requested += len(rows)
-            done_seq = last_seq
-            progress.update(len(rows))
+                writing = (writer.submit(write, inputs, predictions, done_seq, last_seq, tick), rows, last_seq)
+        finally:
+            prefetch.shutdown(wait=False, cancel_futures=True)
+            writer.shutdown(wait=True)  # a chunk's transaction ends before the batch's outcome is recorded
         progress.finish()
         if not closed:
             repository.finish_batch(engine, batch_id)
@@ -180,15 +210,31 @@ def _tag_rows(rows, product_ids: list[int], *, settings: Settings, engine: sa.En
     written or counted and this returns False. ``in_transaction(conn, counts)`` runs inside the
     chunk's transaction with the chunk's ``tagged`` / ``text_only`` / ``errors`` counts.
     """
-    inputs = _gather_inputs(rows, product_ids, store, tagger.image_size, result)
+    return _tag_inputs(_gather_inputs(rows, product_ids, store, tagger.image_size, result), settings=settings,
+                       engine=engine, tagger=tagger, result=result, in_transaction=in_transaction, claim=claim)
+
+
+def _tag_inputs(inputs: "_Inputs", *, settings: Settings, engine: sa.Engine, tagger, result: BatchResult,
+                in_transaction=None, claim=None) -> bool:
+    """Predict and write one chunk's gathered inputs (see :func:`_tag_rows`)."""
+    predictions = _predict_inputs(inputs, settings=settings, engine=engine, tagger=tagger, result=result)
+    return _write_inputs(inputs, predictions, engine=engine, result=result, in_transaction=in_transaction, claim=claim)
+
+
+def _predict_inputs(inputs: "_Inputs", *, settings: Settings, engine: sa.Engine, tagger, result: BatchResult):
+    """Requeue the chunk's transient failures, then run the model (None when nothing is taggable)."""
     if inputs.retry_ids:
         repository.requeue_products(engine, inputs.retry_ids)
-
     tick = time.perf_counter()
     predictions = tagger.predict(inputs.images, inputs.texts, batch_size=settings.inference_batch_size,
                                  top_k=settings.top_k) if inputs.product_ids else None
     result.infer_seconds += time.perf_counter() - tick
+    return predictions
 
+
+def _write_inputs(inputs: "_Inputs", predictions, *, engine: sa.Engine, result: BatchResult, in_transaction=None,
+                  claim=None) -> bool:
+    """One transaction: claim, the chunk's tags, embeddings and errors, its progress. False: not claimed."""
     tick = time.perf_counter()
     counts = {"tagged": len(inputs.product_ids), "text_only": sum(image is None for image in inputs.images),
               "errors": len(inputs.errors)}
@@ -287,7 +333,8 @@ def load_tagger(settings: Settings, version: str, artifact_uri: str):
             configure_accelerator()
             from fashion_tagging.artifacts import Tagger, local_artifact_dir
 
-            _taggers[key] = Tagger.load(local_artifact_dir(settings, version, artifact_uri))
+            _taggers[key] = Tagger.load(local_artifact_dir(settings, version, artifact_uri),
+                                        engine=settings.inference_engine)
         return _taggers[key]
 
 

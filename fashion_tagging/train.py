@@ -312,8 +312,37 @@ def train(
     }
     save_artifact(artifact_dir, model=model, text=text, label_maps=label_maps, config=config, history=history_dict,
                   backbone=backbone, image_expert=expert, text_expert=text_expert)
+    calibrate_chosen_model(artifact_dir, settings, val_rows, None if mode == "full" else val_embeddings,
+                           train_rows[PRIMARY_HEAD].tolist())
+    if mode != "full":  # CPU workers' engine; after "full" (a GPU job) exports are made on first use
+        from fashion_tagging.engines import build_cpu_exports
+
+        build_cpu_exports(artifact_dir, train_rows, val_rows, seed=settings.seed,
+                          batch_size=settings.inference_batch_size)
     log.info("trained %s in %.0fs -> %s", version, timings["train_seconds"], artifact_dir)
     return TrainResult(artifact_dir, version, history_dict, timings)
+
+
+def calibrate_chosen_model(artifact_dir: Path, settings: Settings, val_rows: pd.DataFrame, val_embeddings,
+                           train_labels: list[str]) -> dict:
+    """Fit the chosen model's calibration and review thresholds on val; adds ``calibration.json``.
+
+    The model is loaded as tagging loads it (hybrid blend included). ``val_embeddings``: this
+    model's val image embeddings, or None to compute them (after "full" fine-tuning the cached
+    ones belong to the frozen backbone).
+    """
+    from fashion_tagging.artifacts import Tagger, write_calibration
+    from fashion_tagging.calibration import calibrate_tagger
+    from fashion_tagging.evaluate import split_embeddings
+
+    started = time.perf_counter()
+    tagger = Tagger.load(artifact_dir)
+    if val_embeddings is None:
+        val_embeddings = split_embeddings(tagger, artifact_dir, val_rows, settings)
+    calibration = calibrate_tagger(tagger, val_rows, val_embeddings, settings, train_labels=train_labels)
+    write_calibration(artifact_dir, calibration)
+    log.info("calibration fitted on %d val products in %.1fs", len(val_rows), time.perf_counter() - started)
+    return calibration
 
 
 def choose_primary_blend(model: keras.Model, expert: keras.Model | None, text_expert: keras.Model | None,

@@ -137,12 +137,13 @@ def chromium(width: int = 1440, height: int = 3800):
         shutil.rmtree(profile, ignore_errors=True)
 
 
-def log_in(browser, wait, server: AirflowApiServer) -> None:
-    """Through the simple auth manager's login form, as a person would."""
+def log_in(browser, wait, server: AirflowApiServer, user: str | None = None) -> None:
+    """Through the simple auth manager's login form, as a person would (the first configured user by default)."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions
 
-    user, (_, password) = next(iter(server.users.items()))
+    user = user or next(iter(server.users))
+    password = server.users[user][1]
     browser.get(server.base_url + "/")
     wait.until(expected_conditions.presence_of_element_located((By.NAME, "username"))).send_keys(user)
     browser.find_element(By.NAME, "password").send_keys(password)
@@ -150,12 +151,12 @@ def log_in(browser, wait, server: AirflowApiServer) -> None:
     wait.until(lambda driver: driver.get_cookie("_token") is not None)
 
 
-def open_catalog_page(browser, wait, server: AirflowApiServer) -> None:
+def open_catalog_page(browser, wait, server: AirflowApiServer, user: str | None = None) -> None:
     """Log in, follow the navigation's "Catalog tagging" entry and enter the page's iframe once it has loaded."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions
 
-    log_in(browser, wait, server)
+    log_in(browser, wait, server, user)
     wait.until(expected_conditions.element_to_be_clickable(
         (By.XPATH, "//a[contains(@href, 'plugin/catalog-tagging')]"))).click()
     wait.until(expected_conditions.frame_to_be_available_and_switch_to_it((By.TAG_NAME, "iframe")))

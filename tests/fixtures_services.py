@@ -146,13 +146,17 @@ def tag_and_embedding_rows(model_version: str, run_id: str, product_ids, predict
     """Rows in ``repository.TAG_COLUMNS`` / ``EMBEDDING_COLUMNS`` order, built field by field."""
     tag_rows, embedding_rows = [], []
     for i, product_id in enumerate(product_ids):
+        routed = predictions.auto_accepted or {}
         head_json = {head: {"label": predictions.labels[head][i],
                             "confidence": round(float(predictions.confidences[head][i]), 6),
-                            "top_k": [[label, float(score)] for label, score in predictions.top_k[head][i]]}
+                            "top_k": [[label, float(score)] for label, score in predictions.top_k[head][i]],
+                            **({"status": "auto_accepted" if routed[head][i] else "needs_review"}
+                               if head in routed else {})}
                      for head in predictions.labels}
+        status = None if PRIMARY_HEAD not in routed else "auto_accepted" if routed[PRIMARY_HEAD][i] else "needs_review"
         tag_rows.append((int(product_id), model_version, predictions.labels[PRIMARY_HEAD][i],
                          float(predictions.confidences[PRIMARY_HEAD][i]), head_json, bool(predictions.has_image[i]),
-                         bool(predictions.has_text[i]), run_id))
+                         bool(predictions.has_text[i]), run_id, status))
         embedding_rows.append((int(product_id), model_version, predictions.product_embeddings[i], run_id))
     return tag_rows, embedding_rows
 

@@ -11,6 +11,7 @@ has tagged that share of the catalog (its rows sit in their own partition).
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -114,6 +115,7 @@ def seed_synthetic_catalog(engine: sa.Engine, products: pd.DataFrame, artifacts_
                 repository.reject_model(conn, version, f"articleType accuracy {fused:.3f} below the production model")
     serving = SYNTHETIC_VERSIONS[-1]
     _seed_runs(engine, serving[0], len(products), start + timedelta(weeks=len(SYNTHETIC_VERSIONS)), rng)
+    _seed_lifecycle(engine, serving[0], start + timedelta(weeks=len(SYNTHETIC_VERSIONS)))
     ids = products["id"].astype(int).tolist()
     repository.promote_model(engine, serving[0])
     _write_tags(engine, serving[0], ids, synthetic_predictions(products, serving[2], rng))
@@ -176,6 +178,42 @@ def _seed_runs(engine: sa.Engine, version: str, products: int, first_night: date
                                   seconds=float(seen / rng.uniform(150, 400)), details={"products_total": products})
             conn.execute(sa.text("UPDATE tagging_runs SET started_at = :at WHERE run_id = :run_id"),
                          {"at": first_night + timedelta(days=night), "run_id": run_id})
+
+
+# Gate figures of the seeded versions: (version, promote, production it was paired with, its accuracy on the
+# same products, discordant pairs (candidate only, production only), p-value).
+SYNTHETIC_GATES = (
+    ("v002", False, "v001", 0.884, (41, 30), 0.1181),
+    ("v003", True, "v001", 0.884, (95, 27), 2.1e-10),
+    ("v004", True, "v003", 0.927, (58, 18), 3.2e-06),
+)
+
+
+def _seed_lifecycle(engine: sa.Engine, serving: str, first_night: datetime) -> None:
+    """Gate decisions in the registry's metrics, and drift figures for the last two runs (the last one alerts)."""
+    with engine.begin() as conn:
+        for version, promote, production, production_accuracy, (b, c), p_value in SYNTHETIC_GATES:
+            candidate = conn.execute(sa.text("SELECT article_type_accuracy FROM model_versions WHERE version = :v"),
+                                     {"v": version}).scalar()
+            if candidate is None:
+                continue
+            gate = {"promote": promote, "candidate_version": version, "candidate_accuracy": candidate,
+                    "production_version": production, "production_accuracy": production_accuracy,
+                    "paired_products": 4378, "candidate_only_right": b, "production_only_right": c,
+                    "p_value": p_value, "significance": 0.05, "baseline": 0.91,
+                    "reason": "significantly better than production" if promote else "not significantly better"}
+            conn.execute(sa.text("UPDATE model_versions SET metrics = metrics || jsonb_build_object('gate', "
+                                 "CAST(:gate AS jsonb)) WHERE version = :v"), {"gate": json.dumps(gate), "v": version})
+        for night, (category_js, alert) in ((SYNTHETIC_RUNS - 2, (0.012, False)), (SYNTHETIC_RUNS - 1, (0.41, True))):
+            run_id = f"scheduled__{(first_night + timedelta(days=night)).date()}"
+            repository.record_drift(conn, {
+                "run_id": run_id, "model_version": serving, "products": 1500, "category_js": category_js,
+                "category_psi": category_js * 8, "confidence_js": 0.01, "confidence_psi": 0.05, "threshold": 0.1,
+                "alert": alert, "details": {"verdict": "drift" if alert else "no drift", "min_products": 100,
+                                            "top_shifts": [{"label": "Watches", "run_share": 0.6,
+                                                            "training_share": 0.06}]}})
+            conn.execute(sa.text("UPDATE tagging_drift SET measured_at = :at WHERE run_id = :run_id"),
+                         {"at": first_night + timedelta(days=night, hours=1), "run_id": run_id})
 
 
 def write_stand_in_confusion_png(directory: Path) -> None:

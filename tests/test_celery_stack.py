@@ -56,7 +56,7 @@ def catalog(postgres_url, tmp_path, kaggle_slice_dir, tiny_artifact, ft_home):
                                   tiny_artifact.as_uri(), article_type_accuracy=None)
         repository.promote_model(conn, config["version"])
     settings = tiny_settings(ft_home, kaggle_slice_dir, database_url=db_url, object_store_url=store.url,
-                             tagging_batch_size=150)  # ~300 products: 2 mapped batches
+                             tagging_batch_size=150, tagging_task_min_products=1)  # ~300 products: 2 mapped batches
     yield settings, engine, config["version"]
     drop_database(postgres_url, db_url)
 
@@ -108,7 +108,7 @@ def test_a_worker_killed_mid_batch_is_retried_and_nothing_is_lost(catalog, tmp_p
     import time
 
     settings, engine, version = catalog
-    settings = settings.replace(tagging_batch_size=10, tagging_max_tasks=1)  # one range, many commits
+    settings = settings.replace(tagging_batch_size=10, tagging_task_min_products=1, tagging_max_tasks=1)  # one range, many commits
     with local_celery_stack.LocalCeleryStack(tmp_path / "airflow", redis_db=REDIS_DB, use_schedules=False,
                                              extra_env={**pipeline.settings_env(settings),
                                                         **local_celery_stack.FAST_FAILURE_DETECTION}) as stack:

@@ -128,7 +128,7 @@ def test_promotion_during_a_run_leaves_the_serving_models_batches_to_finish(cata
     """A serves; B is promoted after the run planned A's new arrivals: they complete (readers stay on A)
     and B's backfill is planned by the next run."""
     engine = catalog_engine
-    settings = catalog_settings.replace(tagging_batch_size=10, tagging_task_max_products=10, tagging_max_tasks=10)
+    settings = catalog_settings.replace(tagging_batch_size=10, tagging_task_min_products=1, tagging_task_max_products=10, tagging_max_tasks=10)
     repository.upsert_products(engine, products_frame(range(1, 31)))
     register(engine, A)
     _, first = nightly(settings, engine, "night-1")
@@ -161,7 +161,7 @@ def test_promotion_supersedes_the_batches_of_the_model_it_replaces_even_mid_batc
     The promotion waits for that chunk, retires A and drops its rows; A's batches stop without writing
     (their version's partitions are not brought back), the run succeeds, the next run backfills B."""
     engine = catalog_engine
-    settings = catalog_settings.replace(tagging_batch_size=10, tagging_task_max_products=20, tagging_max_tasks=2)
+    settings = catalog_settings.replace(tagging_batch_size=10, tagging_task_min_products=1, tagging_task_max_products=20, tagging_max_tasks=2)
     repository.upsert_products(engine, products_frame(range(1, 41)))
     register(engine, A)
     discovered = pipeline.discover_tagging_work(settings, "night-1")
@@ -211,7 +211,7 @@ def test_promotion_supersedes_the_batches_of_the_model_it_replaces_even_mid_batc
 def test_two_workers_on_one_batch_write_and_count_each_product_once(catalog_engine, catalog_settings, chunk):
     """A task thought lost is run again while the first still runs: both tag the same batch at once."""
     engine, products = catalog_engine, 35
-    settings = catalog_settings.replace(tagging_batch_size=chunk)
+    settings = catalog_settings.replace(tagging_batch_size=chunk, tagging_task_min_products=1)
     repository.upsert_products(engine, products_frame(range(1, products + 1)))
     register(engine, A)
     with engine.begin() as conn:

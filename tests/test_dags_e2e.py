@@ -10,6 +10,7 @@ nothing new, and re-tagging changed products updates rows instead of duplicating
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -39,7 +40,7 @@ def world(postgres_url, s3_endpoint, kaggle_slice_dir, ft_home):
     store = S3Store(bucket, endpoint_url=s3_endpoint)
     store.client.create_bucket(Bucket=bucket)
     settings = tiny_settings(ft_home, kaggle_slice_dir, database_url=db_url, object_store_url=f"s3://{bucket}/",
-                             s3_endpoint_url=s3_endpoint, tagging_batch_size=100,
+                             s3_endpoint_url=s3_endpoint, tagging_batch_size=100, tagging_task_min_products=1,
                              baseline_accuracy=BASELINE_ACCURACY)
     import_kaggle_catalog(kaggle_slice_dir, store)
     import_kaggle_catalog(DATA_DIR, store, ids=labelled_ids_without_photo(), batch_name="no-photos")
@@ -76,7 +77,21 @@ def rejected_run(world):
 
 
 @pytest.fixture(scope="module")
-def promoted_run(world, rejected_run):
+def reviewed_correction(world, rejected_run):
+    """A reviewer corrects a train product's articleType (to another class of the slice) before the next retrain."""
+    from fashion_tagging import review
+
+    with world["engine"].begin() as conn:
+        product_id, label = conn.execute(sa.text("SELECT product_id, article_type FROM products WHERE split = 'train' "
+                                                 "ORDER BY product_id LIMIT 1")).one()
+        other = conn.execute(sa.text("SELECT article_type FROM products WHERE split = 'train' AND article_type <> :l "
+                                     "GROUP BY 1 ORDER BY count(*) DESC, 1 LIMIT 1"), {"l": label}).scalar_one()
+        review.submit_review(conn, product_id, {"articleType": other}, "e2e-reviewer", version=None)
+    return {"product_id": product_id, "label": other}
+
+
+@pytest.fixture(scope="module")
+def promoted_run(world, rejected_run, reviewed_correction):
     settings = world["settings"].replace(baseline_accuracy=0.0)
     return pipeline.run_dag_locally("retrain_tagger", RETRAIN_CONF, settings=settings)
 
@@ -103,6 +118,7 @@ def test_retrain_promotes_a_passing_candidate_and_emits_the_asset(world, promote
     assert promoted_run["state"] == "success", promoted_run.get("log_tail")
     decision = promoted_run["xcom"]["gate"]
     assert decision["promote"] is True and decision["baseline"] == 0.0
+    assert "no production model yet" in decision["reason"] and decision["p_value"] is None  # the first was rejected
     assert promoted_run["tasks"]["announce_promotion"] == "success"
     version = promoted_run["xcom"]["register"]["version"]
     with world["engine"].connect() as conn:
@@ -111,7 +127,50 @@ def test_retrain_promotes_a_passing_candidate_and_emits_the_asset(world, promote
             "WHERE status = 'promoted'")).one()  # serves once it has tagged the catalog
     assert production[0] == version and production[1].startswith("s3://dags-e2e/models/")
     assert production[2] == "test"
+    with world["engine"].connect() as conn:
+        reason, gate = conn.execute(sa.text("SELECT gate_reason, metrics -> 'gate' FROM model_versions "
+                                            "WHERE version = :v"), {"v": version}).one()
+    assert reason == decision["reason"] and gate["promote"] is True
+    calibration = promoted_run["xcom"]["evaluate"]["calibration"]  # fitted at training, reported on test
+    assert calibration["articleType"]["ece_before"] is not None and "coverage" in calibration["articleType"]
+    assert world["store"].exists(f"models/{version}/calibration.json")
     assert world["store"].exists(f"models/{version}/model.keras")
+
+
+def test_the_gate_scores_candidate_and_production_on_the_same_test_products(world, rejected_run, promoted_run):
+    """The evaluate step pairs a candidate (the first, rejected model) with the production model."""
+    from fashion_tagging.pipeline import evaluate_model, gate, mcnemar_exact_p_value
+
+    evaluation = evaluate_model(world["settings"], rejected_run["xcom"]["train"], rejected_run["xcom"]["snapshot"])
+    paired = evaluation["paired"]
+    assert paired["production_version"] == promoted_run["xcom"]["register"]["version"]
+    assert paired["products"] == rejected_run["xcom"]["snapshot"]["splits"]["test"]
+    assert paired["candidate_accuracy"] == evaluation["article_type_accuracy"]
+    # the production model scores on these products exactly what its own evaluation found on them
+    assert paired["production_accuracy"] == promoted_run["xcom"]["evaluate"]["article_type_accuracy"]
+    assert paired["candidate_only_right"] + paired["production_only_right"] + paired["both_right"] + \
+        paired["both_wrong"] == paired["products"]
+    decision = gate(evaluation, 0.0, 0.05)
+    assert decision["p_value"] == pytest.approx(mcnemar_exact_p_value(paired["candidate_only_right"],
+                                                                      paired["production_only_right"]), abs=1e-6)
+    assert decision["promote"] is (decision["p_value"] < 0.05)
+
+
+def test_the_retrain_reports_the_reviewed_correction_among_its_training_labels(world, rejected_run, promoted_run):
+    assert rejected_run["xcom"]["snapshot"]["review_labels"]["labels"] == 0  # before the review
+    used = promoted_run["xcom"]["snapshot"]["review_labels"]
+    assert (used["labels"], used["corrections"], used["changed_labels"], used["added_to_train"]) == (1, 1, 1, 0)
+    assert used["by_head"] == {"articleType": {"labels": 1, "corrections": 1}}
+    assert promoted_run["xcom"]["train"]["review_labels"] == used
+    version = promoted_run["xcom"]["register"]["version"]
+    with world["engine"].connect() as conn:
+        registered = conn.execute(sa.text("SELECT metrics -> 'review_labels' FROM model_versions WHERE version = :v"),
+                                  {"v": version}).scalar_one()
+    assert registered == used
+    assert json.loads(world["store"].get(f"models/{version}/config.json"))["review_labels"] == used
+    log = Path(promoted_run["log_path"]).read_text()
+    assert "1 reviewed labels used as training labels (1 corrections of the model" in log  # the snapshot task
+    assert "trained with 1 reviewed labels (1 corrections)" in log  # the train task
 
 
 def test_tagging_tags_every_product_once(world, first_tagging):
@@ -131,6 +190,13 @@ def test_tagging_tags_every_product_once(world, first_tagging):
     assert count(engine, "SELECT count(*) FROM tags") == count(engine, "SELECT count(DISTINCT product_id) FROM tags")
     assert count(engine, "SELECT count(*) FROM embeddings") == count(engine, "SELECT count(*) FROM tags")
     assert count(engine, "SELECT count(*) FROM tagging_runs WHERE status = 'success' AND products_tagged > 0") == 1
+    # In distribution (the catalog the model was trained on): measured, stored, no alert.
+    drift = first_tagging["xcom"]["check_drift"]
+    assert drift["alert"] is False and drift["reports"][0]["products"] == summary["products_tagged"]
+    assert drift["reports"][0]["category_js"] < drift["reports"][0]["threshold"]
+    assert first_tagging["tasks"]["announce_drift"] == "skipped"
+    assert count(engine, "SELECT count(*) FROM tagging_drift WHERE NOT alert") == 1
+    assert count(engine, "SELECT count(*) FROM tags WHERE review_status IS NULL") == 0
 
 
 def test_quiet_night_new_manifest_and_rerun_never_duplicate(world, first_tagging):

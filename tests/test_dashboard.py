@@ -58,6 +58,12 @@ def test_overview_shows_registry_evaluation_runs_and_predictions(seeded):
     assert len(page["runs"]) == 12
     assert [r["started_at"] for r in page["runs"]] == sorted(r["started_at"] for r in page["runs"])
 
+    gates = page["gate_decisions"]  # newest first, with the paired figures the gate recorded
+    assert [g["version"] for g in gates] == ["v003", "v002"]
+    assert gates[0]["promote"] is True and gates[0]["production_version"] == "v001" and gates[0]["p_value"] < 0.05
+    assert (gates[1]["candidate_only_right"], gates[1]["production_only_right"]) == (41, 30)
+    assert [(d["alert"], d["min_products"]) for d in page["drift"]] == [(False, 100), (True, 100)]  # oldest first
+
     assert page["counts"] == {"products": len(products), "tagged": len(products)}
     assert sum(c["products"] for c in page["categories"]) == len(products)
     assert len(page["confidence"]) == dashboard.CONFIDENCE_BINS

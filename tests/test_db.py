@@ -96,6 +96,45 @@ def test_same_batch_twice_gives_one_row_per_product(tagged_db):
         assert untagged_product_ids(conn, "other-version", limit=3) == [1, 2, 3]
 
 
+def test_routed_tags_carry_their_review_status_and_each_run_counts_what_it_wrote(tagged_db):
+    from fashion_tagging import dashboard
+
+    ids = list(range(1, 11))
+    predictions = synthetic_predictions(len(ids), seed=4)
+    predictions.auto_accepted = {"articleType": np.arange(10) < 6, "season": np.arange(10) >= 8}
+    for _ in range(2):  # a batch written twice by one run counts once
+        with tagged_db.begin() as conn:
+            repository.write_tags_and_embeddings(conn, VERSION, "run-a", ids, predictions)
+    with tagged_db.begin() as conn:  # the same products again in a later run: the upsert path
+        repository.write_tags_and_embeddings(conn, VERSION, "run-b", ids[:4], predictions.__class__(
+            **{**predictions.__dict__, "labels": {h: v[:4] for h, v in predictions.labels.items()},
+               "confidences": {h: v[:4] for h, v in predictions.confidences.items()},
+               "top_k": {h: v[:4] for h, v in predictions.top_k.items()},
+               "image_embeddings": predictions.image_embeddings[:4],
+               "product_embeddings": predictions.product_embeddings[:4], "has_image": predictions.has_image[:4],
+               "has_text": predictions.has_text[:4],
+               "auto_accepted": {h: v[:4] for h, v in predictions.auto_accepted.items()}}))
+    with tagged_db.connect() as conn:
+        rows = dict(conn.execute(sa.select(schema.tags.c.product_id, schema.tags.c.review_status)).all())
+        heads = dict(conn.execute(sa.select(schema.tags.c.product_id, schema.tags.c.heads)).all())
+        runs = repository.run_tag_counts(conn, "run-a"), repository.run_tag_counts(conn, "run-b")
+    assert [rows[i] for i in ids] == ["auto_accepted"] * 6 + ["needs_review"] * 4
+    assert heads[9]["season"]["status"] == "auto_accepted" and heads[1]["season"]["status"] == "needs_review"
+    assert "status" not in heads[1]["gender"]  # a head the model does not route
+    assert sum(n for _, _, n in runs[0][VERSION]) == 10 and sum(n for _, _, n in runs[1][VERSION]) == 4
+
+    report = {"run_id": "run-a", "model_version": VERSION, "products": 10, "category_js": 0.5, "category_psi": 3.0,
+              "confidence_js": 0.01, "confidence_psi": 0.02, "threshold": 0.1, "alert": True,
+              "details": {"verdict": "drift", "min_products": 5, "top_shifts": []}}
+    for attempt in range(2):  # a retried check replaces its row
+        with tagged_db.begin() as conn:
+            repository.record_drift(conn, {**report, "category_js": 0.5 + attempt})
+    with dashboard.read_only(tagged_db) as conn:
+        history = dashboard.drift_history(conn)
+    assert len(history) == 1 and history[0]["category_js"] == 1.5 and history[0]["alert"] is True
+    assert history[0]["min_products"] == 5 and history[0]["verdict"] == "drift"
+
+
 def test_write_killed_mid_transaction_then_retried(tagged_db, monkeypatch):
     ids = list(range(1, 31))
     predictions = synthetic_predictions(len(ids), seed=2)
@@ -316,6 +355,9 @@ def test_fast_row_encoding_sends_the_bytes_of_the_generic_copy(monkeypatch):
     """The backfill's hand-built COPY body equals the generic per-field encoder's, row for row."""
     predictions = synthetic_predictions(7, seed=5, has_image=[True, False, True, True, False, True, True])
     predictions.labels["articleType"][2] = 'Quote "and" ünïcode\\'
+    # Routed heads carry a status (and articleType's is the row's review_status); the others none.
+    predictions.auto_accepted = {"articleType": np.array([True, False, True, False, False, True, True]),
+                                 "gender": np.array([False] * 6 + [True])}
     ids = [3, 1, 2**40, 5, 6, 7, 8]
     tag_rows, embedding_rows = tag_and_embedding_rows("v-é", "run \"x\"", ids, predictions)
     sent = {}

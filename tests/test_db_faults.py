@@ -158,7 +158,7 @@ def test_tag_batch_interrupted_by_the_database_resumes_and_writes_each_row_once(
                                                                                  moment, mode):
     engine, products = fault_db, 35
     settings = get_settings(home=tmp_path / "home", database_url=engine.url.render_as_string(hide_password=False),
-                            object_store_url=(tmp_path / "store").as_uri(), tagging_batch_size=10)
+                            object_store_url=(tmp_path / "store").as_uri(), tagging_batch_size=10, tagging_task_min_products=1)
     store = open_store((tmp_path / "store").as_uri())
     repository.upsert_products(engine, products_frame(range(1, products + 1)))
     repository.register_model(engine, VERSION, "efficientnet-lite0", 32, False, "file:///unused", {}, 0.9)

@@ -113,7 +113,7 @@ def nightly_run(settings, run_id: str, store: S3Store) -> dict:
 
 
 def test_photos_that_keep_failing_are_recorded_requeued_and_tagged_once_the_fault_clears(catalog, proxy):
-    settings = test_tagging.pipeline_settings(catalog, tagging_batch_size=8, tagging_task_max_products=8,
+    settings = test_tagging.pipeline_settings(catalog, tagging_batch_size=8, tagging_task_min_products=1, tagging_task_max_products=8,
                                               tagging_max_tasks=10)
     engine, version = catalog["engine"], catalog["version"]
     products = schema.products

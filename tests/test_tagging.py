@@ -75,6 +75,55 @@ def test_tag_batch_records_bad_inputs_and_is_safe_to_repeat(catalog):
     assert len(similar) == 3
     assert first.as_dict()["products_per_second"] > 0 and first.fetch_seconds >= 0
 
+    # Training fitted a calibration on val: every tag is routed by it, per head and for the row.
+    calibration = tagger.calibration
+    assert set(calibration["heads"]) == set(tagger.heads)
+    assert calibration["heads"]["articleType"]["target_precision"] == 0.99
+    assert {tag.review_status for tag in tags.values()} <= {"auto_accepted", "needs_review"}
+    for tag in tags.values():
+        threshold = calibration["heads"]["articleType"]["threshold"]
+        accepted = threshold is not None and tag.article_type_confidence >= threshold
+        assert tag.review_status == ("auto_accepted" if accepted else "needs_review")
+        assert {head["status"] for head in tag.heads.values()} <= {"auto_accepted", "needs_review"}
+    with engine.connect() as conn:  # the run's own counts (for its drift check), written once per product
+        counted = repository.run_tag_counts(conn, "nightly-1")[catalog["version"]]
+    assert sum(n for _, _, n in counted) == first.tagged  # the repeat in the same run counted once
+
+
+def test_a_batch_of_one_type_raises_a_drift_alert(catalog, monkeypatch):
+    """A synthetic shift: a night of sports shoes only (text-only products titled like the training
+    slice's sports shoes, so even the tiny model knows them) against a model whose training catalog
+    is 70 % t-shirts. The alert is stored, logged and sent to the configured callback."""
+    import pandas as pd
+
+    from fashion_tagging import drift
+    from tests.fixtures_data import DATA_DIR, slice_ids
+
+    styles = pd.read_csv(DATA_DIR / "styles.csv", usecols=["id", "articleType", "productDisplayName"],
+                         on_bad_lines="skip")
+    titles = styles[(styles["articleType"] == "Sports Shoes") & styles["id"].isin(slice_ids())]["productDisplayName"]
+    titles = (titles.tolist() * 120)[:120]
+    frame = pd.DataFrame({"id": [900000 + i for i in range(120)], "articleType": "Sports Shoes",
+                          "productDisplayName": titles})
+    repository.upsert_products(catalog["engine"], frame)
+    alerts = []
+    monkeypatch.setattr(drift, "_test_alerts", alerts.append, raising=False)
+    settings = pipeline_settings(catalog, drift_min_products=100,
+                                 drift_alert_callback="fashion_tagging.drift:_test_alerts")
+    tag_batch(frame["id"].tolist(), settings=settings, engine=catalog["engine"], store=catalog["store"],
+              run_id="shoe-night")
+    result = pipeline.check_tagging_drift(settings, {"run_id": "shoe-night"})
+    assert result["alert"] is True and len(alerts) == 1
+    report = result["reports"][0]
+    assert report["model_version"] == catalog["version"] and report["products"] == 120
+    assert max(report["category_js"], report["confidence_js"]) > settings.drift_threshold
+    with catalog["engine"].connect() as conn:
+        stored = conn.execute(sa.select(schema.tagging_drift)).one()
+    assert stored.alert and stored.run_id == "shoe-night" and stored.details["top_shifts"]
+    assert pipeline.check_tagging_drift(settings, {"run_id": "shoe-night"})["alert"]  # a retried check: one row
+    with catalog["engine"].connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(schema.tagging_drift)).scalar() == 1
+
 
 def test_batch_killed_while_writing_is_retried_cleanly(catalog, monkeypatch):
     engine, ids = catalog["engine"], catalog["ids"][:8]
@@ -127,7 +176,7 @@ def tag_rows(engine, version):
 
 
 def test_capped_runs_tag_every_product_once_and_a_promoted_model_serves_only_when_complete(catalog):
-    settings = pipeline_settings(catalog, tagging_batch_size=2, tagging_task_max_products=2, tagging_max_tasks=3)
+    settings = pipeline_settings(catalog, tagging_batch_size=2, tagging_task_min_products=1, tagging_task_max_products=2, tagging_max_tasks=3)
     engine, version = catalog["engine"], catalog["version"]
     taggable = set(catalog["ids"]) - {NO_INPUT_ID}
     runs = []
@@ -160,7 +209,7 @@ def test_capped_runs_tag_every_product_once_and_a_promoted_model_serves_only_whe
 
 
 def test_failed_batch_fails_the_run_by_name_and_the_next_run_tags_only_what_is_left(catalog, monkeypatch):
-    settings = pipeline_settings(catalog, tagging_batch_size=5, tagging_task_max_products=5, tagging_max_tasks=10)
+    settings = pipeline_settings(catalog, tagging_batch_size=5, tagging_task_min_products=1, tagging_task_max_products=5, tagging_max_tasks=10)
     engine, version = catalog["engine"], catalog["version"]
     real_write = repository.write_tags_and_embeddings
     doomed = sorted(catalog["ids"])[7]

@@ -34,8 +34,9 @@ PRODUCT_COLUMN_MAP = {
 PRODUCT_COLUMNS = tuple(PRODUCT_COLUMN_MAP.values())
 _PRODUCT_TYPES = {"product_id": "int8", "year": "int4"}
 TAG_COLUMNS = ("product_id", "model_version", "article_type", "article_type_confidence", "heads",
-               "has_image", "has_text", "run_id")
-_TAG_TYPES = ("int8", "text", "text", "float8", "jsonb", "bool", "bool", "text")
+               "has_image", "has_text", "run_id", "review_status")
+_TAG_TYPES = ("int8", "text", "text", "float8", "jsonb", "bool", "bool", "text", "text")
+REVIEW_STATUSES = ("auto_accepted", "needs_review")  # tags.review_status and heads -> head -> status
 EMBEDDING_COLUMNS = ("product_id", "model_version", "product_embedding", "run_id")
 _EMBEDDING_TYPES = ("int8", "text", "vector", "text")
 PROMOTION_LOCK_KEY = 0x46545F70726F  # pg advisory lock id: "FT_pro"
@@ -317,6 +318,8 @@ def write_tags_and_embeddings(conn: sa.Connection, model_version: str, run_id: s
     tag_body, embedding_body = _encoded_rows(model_version, run_id, ids, predictions)
     already = conn.execute(sa.text("SELECT 1 FROM tags WHERE model_version = :v AND product_id = ANY(:ids) LIMIT 1"),
                            {"v": model_version, "ids": ids}).first()
+    # What this run wrote (its drift check reads it); a product it had written before counts once.
+    _add_run_stats(conn, run_id, model_version, predictions, rewritten_ids=ids if already is not None else None)
     if already is None:
         _copy_encoded(conn, "tags", TAG_COLUMNS, tag_body)
         _copy_encoded(conn, "embeddings", EMBEDDING_COLUMNS, embedding_body)
@@ -349,6 +352,11 @@ def _encoded_rows(model_version: str, run_id: str, product_ids: Sequence[int], p
         raise ValueError(f"predictions lack the primary head {PRIMARY_HEAD!r}")
     heads = list(predictions.labels)
     escaped: dict[str, str] = {}
+    routed = getattr(predictions, "auto_accepted", None) or {}
+    status_json = {head: np.where(np.asarray(routed[head], dtype=bool), ',"status":"auto_accepted"',
+                                  ',"status":"needs_review"') for head in heads if head in routed}
+    primary_status = routed.get(PRIMARY_HEAD)
+    status_fields = (_text_field(REVIEW_STATUSES[0]), _text_field(REVIEW_STATUSES[1]))
 
     def quoted(label: str) -> str:
         if label not in escaped:
@@ -368,12 +376,13 @@ def _encoded_rows(model_version: str, run_id: str, product_ids: Sequence[int], p
             f'{quoted(head)}:{{"label":{quoted(predictions.labels[head][i])},'
             f'"confidence":{round(float(confidences[head][i]), 6)!r},"top_k":['
             + ",".join(f"[{quoted(label)},{float(score)!r}]" for label, score in predictions.top_k[head][i])
-            + "]}" for head in heads)
+            + "]" + (status_json[head][i] if head in status_json else "") + "}" for head in heads)
         tag_parts += [tag_count, id_field, version_field, _text_field(predictions.labels[PRIMARY_HEAD][i]),
                       struct.pack(">id", 8, confidences[PRIMARY_HEAD][i]),
                       _text_field("\x01{" + head_json + "}"),
                       true if predictions.has_image[i] else false, true if predictions.has_text[i] else false,
-                      run_field]
+                      run_field,
+                      _NULL_FIELD if primary_status is None else status_fields[0 if primary_status[i] else 1]]
         embedding_parts += [embedding_count, id_field, version_field, vector_header, vectors[i].tobytes(), run_field]
     return b"".join(tag_parts), b"".join(embedding_parts)
 
@@ -394,6 +403,65 @@ def _add_stats(conn: sa.Connection, model_version: str, predictions) -> None:
         DO UPDATE SET products = tag_stats.products + EXCLUDED.products
     """), {"version": model_version, "labels": [label for label, _ in keys], "bins": [b for _, b in keys],
            "counts": [counts[key] for key in keys]})
+
+
+def _add_run_stats(conn: sa.Connection, run_id: str, model_version: str, predictions,
+                   rewritten_ids: Sequence[int] | None = None) -> None:
+    """Count a batch about to be written into ``run_tag_stats`` (what this run tagged, by label and bin).
+
+    In the batch's transaction: a committed chunk counts once, a rolled-back one not at all.
+    ``rewritten_ids``: the batch may replace rows; those this same run wrote before are taken
+    back (read before the write), so a product written twice by one run counts once. One
+    statement with its keys in order: concurrent batches of a run never deadlock on these rows.
+    """
+    confidences = np.asarray(predictions.confidences[PRIMARY_HEAD], dtype=np.float64)
+    bins = np.minimum(np.floor(confidences * CONFIDENCE_BINS).astype(int) + 1, CONFIDENCE_BINS)
+    counts: dict[tuple[str, int], int] = {}
+    for label, confidence_bin in zip(predictions.labels[PRIMARY_HEAD], bins.tolist(), strict=True):
+        counts[(label, confidence_bin)] = counts.get((label, confidence_bin), 0) + 1
+    if rewritten_ids is not None:
+        earlier = conn.execute(sa.text(f"""
+            SELECT article_type, {_CONFIDENCE_BIN_SQL}, count(*) FROM tags
+            WHERE model_version = :v AND run_id = :run AND product_id = ANY(:ids) GROUP BY 1, 2
+        """), {"v": model_version, "run": run_id, "ids": [int(i) for i in rewritten_ids]}).all()
+        for label, confidence_bin, n in earlier:
+            counts[(label, int(confidence_bin))] = counts.get((label, int(confidence_bin)), 0) - int(n)
+    keys = sorted(key for key, n in counts.items() if n)
+    if not keys:
+        return
+    conn.execute(sa.text("""
+        INSERT INTO run_tag_stats (run_id, model_version, article_type, confidence_bin, products)
+        SELECT :run_id, :version, label, bin, n FROM unnest(:labels, :bins, :counts) AS fresh(label, bin, n)
+        ORDER BY label, bin
+        ON CONFLICT (run_id, model_version, article_type, confidence_bin)
+        DO UPDATE SET products = run_tag_stats.products + EXCLUDED.products
+    """), {"run_id": run_id, "version": model_version, "labels": [label for label, _ in keys],
+           "bins": [b for _, b in keys], "counts": [counts[key] for key in keys]})
+
+
+@accepts_engine
+def run_tag_counts(conn: sa.Connection, run_id: str) -> dict[str, list[tuple[str, int, int]]]:
+    """What a run tagged: {version: [(articleType, confidence bin, products), ...]}."""
+    rows = conn.execute(sa.text("SELECT model_version, article_type, confidence_bin, products FROM run_tag_stats "
+                                "WHERE run_id = :run_id AND products > 0 ORDER BY 1, 2, 3"), {"run_id": run_id}).all()
+    counts: dict[str, list[tuple[str, int, int]]] = {}
+    for version, label, confidence_bin, products in rows:
+        counts.setdefault(version, []).append((label, int(confidence_bin), int(products)))
+    return counts
+
+
+@accepts_engine
+def record_drift(conn: sa.Connection, report: Mapping) -> None:
+    """Store (or replace, for a retried check) a run's drift figures for one version."""
+    columns = ("run_id", "model_version", "products", "category_js", "category_psi", "confidence_js",
+               "confidence_psi", "threshold", "alert")
+    values = {key: report[key] for key in columns}
+    values["details"] = _json_safe(report.get("details") or {})
+    statement = pg_insert(schema.tagging_drift).values(**values)
+    conn.execute(statement.on_conflict_do_update(
+        index_elements=["run_id", "model_version"],
+        set_={**{k: statement.excluded[k] for k in values if k not in ("run_id", "model_version")},
+              "measured_at": sa.func.now()}))
 
 
 _CONFIDENCE_BIN_SQL = f"LEAST(width_bucket(article_type_confidence, 0.0, 1.0, {CONFIDENCE_BINS}), {CONFIDENCE_BINS})"
@@ -749,8 +817,10 @@ def get_model(conn: sa.Connection, version: str) -> sa.RowMapping:
 
 
 @accepts_engine
-def promote_model(conn: sa.Connection, version: str) -> None:
+def promote_model(conn: sa.Connection, version: str, reason: str | None = None) -> None:
     """Mark ``version`` promoted: it starts its backfill, and serves once it covers the catalog.
+
+    ``reason``: why the gate promoted it (``gate_reason``; the gate's figures are in ``metrics``).
 
     A promoted version that had not finished its backfill is superseded (retired, its partitions
     dropped); the serving version keeps serving until :func:`activate_model`.
@@ -765,7 +835,7 @@ def promote_model(conn: sa.Connection, version: str) -> None:
         supersede_batches(conn, old)  # before the drop: a chunk in flight commits first, the next one stops
         drop_version_partitions(conn, old)
     conn.execute(mv.update().where(mv.c.version == version)
-                 .values(status="promoted", promoted_at=sa.func.now(), gate_reason=None, tagged_seq=0, planned_seq=0))
+                 .values(status="promoted", promoted_at=sa.func.now(), gate_reason=reason, tagged_seq=0, planned_seq=0))
     # A version promoted again (a rollback to a retired one) re-plans from the start: its old ranges go.
     conn.execute(sa.delete(schema.tagging_batches).where(schema.tagging_batches.c.model_version == version))
     ensure_version_partitions(conn, version)
@@ -811,8 +881,9 @@ def similar_products(conn: sa.Connection, product_id: int, k: int = 10,
                      model_version: str | None = None) -> list[tuple[int, str | None, str | None, float]]:
     """The ``k`` nearest products by cosine distance of fused embeddings (HNSW index).
 
-    Returns (product_id, title, article_type, distance); article_type is the model's tag,
-    falling back to the catalog label. Uses the serving model unless a version is given.
+    Returns (product_id, title, article_type, distance); article_type is a reviewer's value
+    (``product_reviews``), else the model's tag, else the catalog label. Uses the serving model
+    unless a version is given.
     """
     if model_version is None:
         serving = serving_model(conn)
@@ -831,12 +902,14 @@ def similar_products(conn: sa.Connection, product_id: int, k: int = 10,
 
 def similar_products_query(product_id: int, k: int, model_version: str) -> sa.Select:
     """ORDER BY embedding <=> (subquery) LIMIT k: the shape the HNSW index serves."""
-    e, p, t = schema.embeddings, schema.products, schema.tags
+    e, p, t, r = schema.embeddings, schema.products, schema.tags, schema.product_reviews
     distance = e.c.product_embedding.cosine_distance(_embedding_of(product_id, model_version))
     return (
-        sa.select(e.c.product_id, p.c.title, sa.func.coalesce(t.c.article_type, p.c.article_type), distance)
+        sa.select(e.c.product_id, p.c.title, sa.func.coalesce(r.c.label, t.c.article_type, p.c.article_type),
+                  distance)
         .select_from(e.join(p, p.c.product_id == e.c.product_id)
-                     .outerjoin(t, sa.and_(t.c.product_id == e.c.product_id, t.c.model_version == model_version)))
+                     .outerjoin(t, sa.and_(t.c.product_id == e.c.product_id, t.c.model_version == model_version))
+                     .outerjoin(r, sa.and_(r.c.product_id == e.c.product_id, r.c.head == PRIMARY_HEAD)))
         .where(e.c.model_version == model_version, e.c.product_id != product_id, p.c.deleted_at.is_(None))
         .order_by(distance)
         .limit(k)

@@ -106,6 +106,9 @@ tags = sa.Table(
     sa.Column("has_text", sa.Boolean, nullable=False),
     sa.Column("run_id", sa.Text),
     sa.Column("tagged_at", sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False),
+    # auto_accepted | needs_review: the articleType tag's routing by the model's calibrated threshold
+    # (each head's own is ``heads -> head -> status``); NULL before migration 0005 and without calibration.
+    sa.Column("review_status", sa.Text),
     postgresql_partition_by="LIST (model_version)",
 )
 
@@ -132,6 +135,36 @@ tag_stats = sa.Table(
     sa.Column("confidence_bin", sa.SmallInteger, primary_key=True),  # 1..CONFIDENCE_BINS
     sa.Column("products", sa.BigInteger, nullable=False, server_default="0"),
 )
+
+# What one tagging run wrote, per (version, predicted articleType, confidence bin): kept by every tag
+# write in the same transaction (a committed chunk counts once), read by the run's drift check.
+run_tag_stats = sa.Table(
+    "run_tag_stats",
+    metadata,
+    sa.Column("run_id", sa.Text, primary_key=True),
+    sa.Column("model_version", sa.Text, primary_key=True),
+    sa.Column("article_type", sa.Text, primary_key=True),
+    sa.Column("confidence_bin", sa.SmallInteger, primary_key=True),  # 1..CONFIDENCE_BINS
+    sa.Column("products", sa.BigInteger, nullable=False, server_default="0"),
+)
+
+# Drift of one run's tags from the model's training distribution (drift.py), one row per (run, version).
+tagging_drift = sa.Table(
+    "tagging_drift",
+    metadata,
+    sa.Column("run_id", sa.Text, primary_key=True),
+    sa.Column("model_version", sa.Text, primary_key=True),
+    sa.Column("products", sa.Integer, nullable=False),
+    sa.Column("category_js", sa.Float),  # Jensen-Shannon divergence (base 2) of predicted articleType shares
+    sa.Column("category_psi", sa.Float),  # population stability index of the same
+    sa.Column("confidence_js", sa.Float),  # the same two for the articleType confidence histogram
+    sa.Column("confidence_psi", sa.Float),
+    sa.Column("threshold", sa.Float, nullable=False),
+    sa.Column("alert", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("details", JSONB, nullable=False, server_default=sa.text("'{}'::jsonb")),
+    sa.Column("measured_at", sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False),
+)
+sa.Index("ix_tagging_drift_measured_at", tagging_drift.c.measured_at)
 
 # The work table: one row per planned range of products.change_seq for one version. The DAG's
 # mapped tasks carry only batch ids; a task resumes a range from ``done_seq`` after a crash, and
@@ -187,3 +220,36 @@ catalog_manifests = sa.Table(
     sa.Column("run_id", sa.Text),
     sa.Column("loaded_at", sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False),
 )
+
+# The human review loop (fashion_tagging.review, migration 0006). A reviewed value belongs to the
+# product and head, not to a model version: re-tagging by any version never replaces it, readers
+# show it instead of the model's label, and the next retrain's snapshot uses it as the label.
+product_reviews = sa.Table(
+    "product_reviews",
+    metadata,
+    sa.Column("product_id", sa.BigInteger, primary_key=True),
+    sa.Column("head", sa.Text, primary_key=True),
+    sa.Column("label", sa.Text, nullable=False),  # the reviewed value
+    sa.Column("predicted_label", sa.Text),  # the model's label the reviewer saw (NULL: untagged)
+    sa.Column("model_version", sa.Text),  # whose tag that was
+    sa.Column("corrected", sa.Boolean, nullable=False),  # label differs from predicted_label
+    sa.Column("reviewed_by", sa.Text, nullable=False),
+    sa.Column("reviewed_at", sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False),
+)
+
+# Append-only: one row per change of a reviewed value (who, when, before, after). A repeated
+# submission of the value already stored changes nothing and adds no row.
+review_audit = sa.Table(
+    "review_audit",
+    metadata,
+    sa.Column("audit_id", sa.BigInteger, sa.Identity(), primary_key=True),
+    sa.Column("product_id", sa.BigInteger, nullable=False),
+    sa.Column("head", sa.Text, nullable=False),
+    sa.Column("action", sa.Text, nullable=False),  # accepted | corrected
+    sa.Column("before_label", sa.Text),  # what readers saw: the earlier reviewed value, else the model's label
+    sa.Column("after_label", sa.Text, nullable=False),
+    sa.Column("model_version", sa.Text),
+    sa.Column("reviewer", sa.Text, nullable=False),
+    sa.Column("reviewed_at", sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False),
+)
+sa.Index("ix_review_audit_product", review_audit.c.product_id, review_audit.c.audit_id)

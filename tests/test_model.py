@@ -129,7 +129,9 @@ def test_top_fine_tuning_trains_only_the_last_block_and_tagging_reproduces_it(ti
     settings = tiny_settings_factory(epochs=1, top_tune_epochs=1)
     products = load_kaggle_catalog(settings.data_dir).products.groupby("split").head(60).reset_index(drop=True)
     result = train(settings, products=products, progress=False, fine_tune="top")
-    tagger = Tagger.load(result.artifact_dir)
+    # The CPU engine's float32 export, built by training from the tuned backbone (int8 is compared
+    # with Keras on accuracy, not on values: test_engines.py).
+    tagger = Tagger.load(result.artifact_dir, engine="litert", quantization="float32")
     assert tagger.config["fine_tune_mode"] == "top" and tagger.config["backbone_top_epochs_run"] == 2
     assert "backbone_top" in json.loads((result.artifact_dir / "history.json").read_text())
 

@@ -79,12 +79,17 @@ def save_artifact(artifact_dir: Path, *, model: keras.Model, text: TextEncoder, 
     (artifact_dir / "history.json").write_text(json.dumps(history, indent=1))
 
 
+def write_file_atomically(target: Path, data: bytes) -> None:
+    """Add or replace one file of an artifact: readers (other workers) never see half of it."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}")
+    staging.write_bytes(data)
+    os.replace(staging, target)
+
+
 def write_calibration(artifact_dir: Path, calibration: dict) -> None:
     """Write (or replace, atomically) an artifact's ``calibration.json``."""
-    path = Path(artifact_dir) / CALIBRATION_FILE
-    staging = path.with_name(f".{CALIBRATION_FILE}-{uuid.uuid4().hex[:8]}")
-    staging.write_text(json.dumps(calibration, indent=1))
-    os.replace(staging, path)
+    write_file_atomically(Path(artifact_dir) / CALIBRATION_FILE, json.dumps(calibration, indent=1).encode())
 
 
 def read_calibration(artifact_dir: Path) -> dict | None:

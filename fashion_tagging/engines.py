@@ -23,12 +23,12 @@ import shutil
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
 
+from fashion_tagging.artifacts import write_file_atomically
 from fashion_tagging.settings import IMAGE_EMBEDDING_DIM
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ def read_exports_report(artifact_dir: Path) -> dict:
 
 
 def write_exports_report(artifact_dir: Path, report: dict) -> None:
-    _atomic_write(Path(artifact_dir) / EXPORTS_DIR / EXPORTS_REPORT, json.dumps(report, indent=1).encode())
+    write_file_atomically(Path(artifact_dir) / EXPORTS_DIR / EXPORTS_REPORT, json.dumps(report, indent=1).encode())
 
 
 def serving_quantization(artifact_dir: Path) -> str:
@@ -95,17 +95,10 @@ def export_backbone(backbone, target: Path, *, calibration: Iterable[np.ndarray]
             converter.inference_input_type = tf.float32
             converter.inference_output_type = tf.float32
         flatbuffer = converter.convert()
-    _atomic_write(target, flatbuffer)
+    write_file_atomically(target, flatbuffer)
     log.info("exported the backbone to %s (%.1f MB) in %.0fs", target, len(flatbuffer) / 1e6,
              time.perf_counter() - started)
     return target
-
-
-def _atomic_write(target: Path, data: bytes) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}")
-    staging.write_bytes(data)
-    os.replace(staging, target)
 
 
 def worker_threads() -> int:

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import uuid
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from fashion_tagging.augment import AugmentedView
 from fashion_tagging.errors import RowError
 from fashion_tagging.images import DECODE_RULE, file_image_dataset
 from fashion_tagging.progress import ProgressLogger
@@ -47,8 +50,10 @@ class ImageEmbeddings:
                                None if self.top_inputs is None else self.top_inputs[selection])
 
 
-def cache_path(cache_dir: Path, backbone: str, image_size: int) -> Path:
-    return Path(cache_dir) / CACHE_SUBDIR / f"{backbone}-{image_size}.npz"
+def cache_path(cache_dir: Path, backbone: str, image_size: int, view: AugmentedView | None = None) -> Path:
+    """The cache file of a (backbone, image size), or of one augmented view of the photos."""
+    suffix = f"-{view.name}" if view is not None else ""
+    return Path(cache_dir) / CACHE_SUBDIR / f"{backbone}-{image_size}{suffix}.npz"
 
 
 def cache_serves(data, with_top_inputs: bool) -> bool:
@@ -68,11 +73,13 @@ def cached_product_ids(cache_dir: Path, backbone: str, image_size: int, *, with_
 
 
 def embed_image_files(paths: list[str], backbone, image_size: int, batch_size: int, *, progress: bool = True,
-                      with_top_inputs: bool = False, reasons: dict[int, str] | None = None):
+                      with_top_inputs: bool = False, reasons: dict[int, str] | None = None,
+                      view: AugmentedView | None = None):
     """Run the backbone over image files; returns (vectors, top_inputs or None, ok), unusable photos not ok.
 
     Photos are decoded by ``images.decode_image``, the rule tagging uses. ``reasons``, when
     given, receives {position: why} for every photo that is not ok (tagging's wording).
+    ``view``: embed that augmented view of each photo instead of the photo.
     """
     from fashion_tagging.backbones import with_top_inputs_output
 
@@ -84,10 +91,11 @@ def embed_image_files(paths: list[str], backbone, image_size: int, batch_size: i
         top_inputs = np.zeros((len(paths), *model.output_shape[1][1:]), dtype=np.float16)
     if not paths:
         return vectors, top_inputs, ok
-    dataset = file_image_dataset(paths, image_size, batch_size)
+    dataset = file_image_dataset(paths, image_size, batch_size, augment=view)
     # A terminal gets tqdm's bar; a task log (no ``progress``) a line every 30 s with rate and ETA.
     task_log = None if progress else ProgressLogger(len(paths), "img", log, every_s=30, label="image embeddings")
-    with tqdm(total=len(paths), unit="img", desc="image embeddings", disable=not progress) as bar:
+    desc = "image embeddings" if view is None else f"augmented view {view.index}"
+    with tqdm(total=len(paths), unit="img", desc=desc, disable=not progress) as bar:
         for indices, images, failures in dataset:
             # A rejected photo stays in its batch (white pixels) and its outputs are dropped:
             # batches keep one shape, and rejections are rare.
@@ -112,14 +120,16 @@ def embed_image_files(paths: list[str], backbone, image_size: int, batch_size: i
 def catalog_image_embeddings(
     product_ids, image_paths, *, backbone_name: str, image_size: int, cache_dir: Path,
     batch_size: int = 64, progress: bool = True, backbone=None, with_top_inputs: bool = False,
+    view: AugmentedView | None = None,
 ) -> ImageEmbeddings:
     """Embeddings for these products, from the cache where present, computing (and caching) the rest.
 
     ``with_top_inputs`` also returns the last block's input activations; a cache written without
     them is then rebuilt once. A cache that has them keeps them for every product it adds.
+    ``view``: the embeddings of that augmented view of the photos (training), in a cache of its own.
     """
     product_ids = np.asarray(product_ids, dtype=np.int64)
-    path = cache_path(cache_dir, backbone_name, image_size)
+    path = cache_path(cache_dir, backbone_name, image_size, view)
     cached: dict[int, int] = {}
     cached_ids = np.zeros(0, dtype=np.int64)
     cached_vectors = np.zeros((0, IMAGE_EMBEDDING_DIM), dtype=np.float16)
@@ -163,7 +173,7 @@ def catalog_image_embeddings(
         reasons: dict[int, str] = {}
         new_vectors, new_top, ok = embed_image_files([image_paths[p] for p in todo], backbone, image_size,
                                                      batch_size, progress=progress, with_top_inputs=keep_top,
-                                                     reasons=reasons)
+                                                     reasons=reasons, view=view)
         if with_top_inputs and top_inputs is None:
             top_inputs = np.zeros((len(product_ids), *new_top.shape[1:]), dtype=np.float16)
         for i, (position, good) in enumerate(zip(todo, ok, strict=True)):
@@ -185,7 +195,11 @@ def catalog_image_embeddings(
         if keep_top:
             arrays["top_inputs"] = new_top[ok] if cached_top is None else np.concatenate([cached_top, new_top[ok]])
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, **arrays)
-        tmp.replace(path)
+        # A name of its own per writer: two trainings adding to one cache never write into one file.
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex}.tmp.npz")
+        try:
+            np.savez(tmp, **arrays)
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)
     return ImageEmbeddings(product_ids, vectors, has_image, errors, top_inputs)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import os
 import re
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -39,6 +40,8 @@ MAX_PHOTO_PIXELS = 40_000_000
 DECODE_RULE = "pillow-1"
 # Formats a photo may be in; anything else (EPS, PDF, PSD, ICO...) is refused before decoding.
 PHOTO_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")  # JPEG includes multi-picture (MPO)
+# (decoded photo, its path) -> the photo to use instead: training's augmented views (augment.py).
+PhotoAugmentation = Callable[[Image.Image, str], Image.Image]
 
 
 class ImageDecodeError(ValueError):
@@ -124,20 +127,24 @@ def read_photo_file(path: str | os.PathLike) -> bytes:
         raise ImageDecodeError(f"cannot read file ({error.strerror or type(error).__name__})") from None
 
 
-def load_photo_file(path: str | os.PathLike, size: int) -> tuple[np.ndarray, str]:
+def load_photo_file(path: str | os.PathLike, size: int, augment: PhotoAugmentation | None = None,
+                    ) -> tuple[np.ndarray, str]:
     """(size x size x 3 uint8, "") for a usable photo file, else (white image, the error message).
 
     The message is ``str(ImageDecodeError)``: what tagging records for the same bytes.
+    ``augment`` (training's augmented views) changes the decoded photo before the resize.
     """
     try:
         if not path:
             raise ImageDecodeError("no photo file")
+        if augment is not None:
+            return _fit(augment(open_photo(read_photo_file(path)), os.fsdecode(path)), size), ""
         return decode_image(read_photo_file(path), size), ""
     except ImageDecodeError as error:
         return np.full((size, size, 3), int(PAD_VALUE), np.uint8), str(error)
 
 
-def photo_tensors(path, size: int):
+def photo_tensors(path, size: int, augment: PhotoAugmentation | None = None):
     """tf.data op: a scalar path tensor -> (size x size x 3 float32 pixels 0..255, reason string).
 
     :func:`load_photo_file` through ``tf.numpy_function``; the reason is "" for a usable photo,
@@ -147,7 +154,7 @@ def photo_tensors(path, size: int):
     import tensorflow as tf
 
     def load(encoded_path):
-        image, reason = load_photo_file(os.fsdecode(encoded_path), size)
+        image, reason = load_photo_file(os.fsdecode(encoded_path), size, augment)
         return image, np.array(reason.encode("utf-8"), dtype=object)
 
     image, reason = tf.numpy_function(load, [path], (tf.uint8, tf.string), stateful=False, name="decode_photo")
@@ -156,7 +163,7 @@ def photo_tensors(path, size: int):
     return tf.cast(image, tf.float32), reason
 
 
-def file_image_dataset(paths: list[str], size: int, batch_size: int):
+def file_image_dataset(paths: list[str], size: int, batch_size: int, augment: PhotoAugmentation | None = None):
     """Parallel, prefetching tf.data pipeline of (row index, float32 image, reason) over image files.
 
     A photo that cannot be used comes out white with its reason (b"" when fine), so callers
@@ -168,7 +175,7 @@ def file_image_dataset(paths: list[str], size: int, batch_size: int):
     indices = tf.data.Dataset.from_tensor_slices((np.arange(len(paths), dtype=np.int64), list(paths)))
 
     def load(index, path):
-        pixels, reason = photo_tensors(path, size)
+        pixels, reason = photo_tensors(path, size, augment)
         return index, pixels, reason
 
     return (

@@ -116,6 +116,11 @@ class Settings(BaseSettings):
         "top", description="Backbone fine-tuning: top = its last block on cached activations (fits a CPU), "
                            "full = its top 30 % end to end on pixels (a GPU job), none = frozen.")
     top_tune_epochs: int = Field(10, ge=1, description="Epochs of FT_FINE_TUNE=top fine-tuning.")
+    # Training sees each training photo also as this many augmented views (rotation, crop, mirror,
+    # colour, grayscale, JPEG, low resolution: augment.py), embedded once and cached like the photo.
+    augmented_views: int = Field(
+        1, ge=0, le=4, description="Augmented views per training photo (rotated, cropped, recoloured, recompressed), "
+        "embedded once and cached; training samples among them and the photo. 0 = no image augmentation.")
     # A class needs this many training products to get its own output; rarer ones are merged
     # into "Other" (per head) so the model never emits a label it could not learn.
     min_class_count: int = Field(

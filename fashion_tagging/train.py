@@ -3,6 +3,13 @@
 Modality dropout: during training a product loses its image (or, if it has one, its text)
 with a fixed probability, so the model learns to tag from either modality alone — catalogs do
 ship products without photos or with empty descriptions.
+
+Augmentation for inputs unlike this catalog's clean ones: each training photo also has
+``settings.augmented_views`` augmented views (rotated, cropped, recoloured, recompressed: see
+augment.py) whose backbone activations are cached like the photo's; the last block (stage 1)
+trains on the photo or one of its views at random, the fused model (stage 2) on the photo or its
+first view. Augmented training so costs one embedding pass per view, not one per epoch. Texts lose words to the unknown token (a typo makes a word unknown to a whole-word
+vocabulary) and sometimes their whole title.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import pandas as pd
 import tensorflow as tf
 
 from fashion_tagging.artifacts import save_artifact
+from fashion_tagging.augment import AugmentedView
 from fashion_tagging.catalog import load_kaggle_catalog, with_clean_labels
 from fashion_tagging.images import photo_tensors
 from fashion_tagging.features import catalog_image_embeddings
@@ -32,6 +40,9 @@ from fashion_tagging.text_expert import fit_text_expert, predict_text_expert
 log = logging.getLogger(__name__)
 DROP_IMAGE_PROBABILITY = 0.25
 DROP_TEXT_PROBABILITY = 0.25
+UNKNOWN_WORD_PROBABILITY = 0.1  # a word replaced by the unknown token: what a typo does to a word vocabulary
+DROP_TITLE_PROBABILITY = 0.1  # the title removed (description only), when there is a description
+AUGMENTED_VIEW_PROBABILITY = 0.5  # a training photo is seen as one of its augmented views, else as itself
 # Training batches hold texts within this many tokens of each other (see make_dataset).
 TEXT_BUCKET_WIDTH = 20
 EARLY_STOPPING_PATIENCE = 5  # val accuracy still crept up after 3 flat epochs (0.9712 at 8 and 11)
@@ -69,8 +80,36 @@ def fine_tune_mode(value: bool | str) -> str:
     return value
 
 
+def _augmented_text(tokens, title_length, seed: int):
+    """Some words replaced by the unknown token, and now and then the title removed.
+
+    ``title_length``: the title's tokens at the start of ``tokens``; the title is only removed
+    when a description follows it (the text never becomes empty this way).
+    """
+    real_word = tokens > 1  # neither padding (0) nor already unknown (1)
+    unknown = tf.logical_and(real_word, tf.random.uniform(tf.shape(tokens), seed=seed + 1) < UNKNOWN_WORD_PROBABILITY)
+    tokens = tf.where(unknown, tf.ones_like(tokens), tokens)
+    title_length = tf.cast(title_length, tf.int32)
+    drop_title = tf.logical_and(tf.random.uniform([], seed=seed + 2) < DROP_TITLE_PROBABILITY,
+                                tf.logical_and(title_length > 0, token_lengths(tokens) > title_length))
+    without_title = tf.concat([tokens[title_length:], tf.zeros_like(tokens[:title_length])], axis=0)
+    return tf.where(drop_title, without_title, tokens)
+
+
 def _modality_dropout(inputs, labels, weights, seed: int):
-    """Drop the image or the text of a product at random, never both, never a missing one twice."""
+    """Drop the image or the text of a product at random, never both, never a missing one twice.
+
+    Where the training inputs carry them, the image is also swapped for an augmented view
+    (``augmented_image_embedding``) and the text augmented (``title_length``, see ``_augmented_text``).
+    """
+    inputs = dict(inputs)
+    augmented = inputs.pop("augmented_image_embedding", None)
+    title_length = inputs.pop("title_length", None)
+    if augmented is not None:
+        use_view = tf.random.uniform([], seed=seed + 3) < AUGMENTED_VIEW_PROBABILITY
+        inputs["image_embedding"] = tf.where(use_view, augmented, inputs["image_embedding"])
+    if title_length is not None:
+        inputs["tokens"] = _augmented_text(inputs["tokens"], title_length, seed)
     draw = tf.random.uniform([], seed=seed)
     has_image = inputs["has_image"]
     has_text = inputs["has_text"]
@@ -188,6 +227,36 @@ def encode_products(products: pd.DataFrame, text: TextEncoder, embeddings) -> di
     return model_inputs(embeddings.vectors, embeddings.has_image, text.encode(products["text"].tolist()), has_text)
 
 
+def title_lengths(products: pd.DataFrame, text: TextEncoder) -> np.ndarray:
+    """Tokens of each product's title, which opens its text (``catalog.product_text``); 0 without one."""
+    if "productDisplayName" not in products:
+        return np.zeros(len(products), dtype=np.int64)
+    titles = [t if isinstance(t, str) else "" for t in products["productDisplayName"]]
+    return (text.encode(titles) > 0).sum(axis=1).astype(np.int64) * np.array([bool(t.strip()) for t in titles])
+
+
+def augmented_views(settings: Settings, rows: pd.DataFrame, embeddings, *, with_top_inputs: bool,
+                    progress: bool) -> list:
+    """``settings.augmented_views`` augmented views of the rows' photos, from the cache where present.
+
+    A view whose photo could not be decoded falls back to the photo's own embedding, so every
+    view is aligned with (and as complete as) ``embeddings``.
+    """
+    views = []
+    for index in range(settings.augmented_views):
+        view = catalog_image_embeddings(rows["id"], rows["image_path"].tolist(), backbone_name=settings.backbone,
+                                        image_size=settings.image_size, cache_dir=settings.cache_dir,
+                                        batch_size=settings.inference_batch_size, progress=progress,
+                                        with_top_inputs=with_top_inputs, view=AugmentedView(index, settings.seed))
+        missing = embeddings.has_image & ~view.has_image
+        view.vectors[missing] = embeddings.vectors[missing]
+        if with_top_inputs:
+            view.top_inputs[missing] = embeddings.top_inputs[missing]
+        view.has_image = embeddings.has_image.copy()
+        views.append(view)
+    return views
+
+
 def train(
     settings: Settings,
     *,
@@ -226,6 +295,12 @@ def train(
     train_embeddings = embeddings.rows(slice(0, len(train_rows)))
     val_embeddings = embeddings.rows(slice(len(train_rows), None))
     embedding_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    train_views = []  # augmented views of the training photos (none after "full": it augments pixels itself)
+    if mode != "full" and train_embeddings.has_image.any():
+        train_views = augmented_views(settings, train_rows, train_embeddings, with_top_inputs=mode == "top",
+                                      progress=progress)
+    augmentation_seconds = time.perf_counter() - t0
 
     head_labels = {head: label_maps[head].encode(train_rows[head]) for head in heads}
     val_head_labels = {head: label_maps[head].encode(val_rows[head]) for head in heads}
@@ -241,8 +316,11 @@ def train(
             train_embeddings.top_inputs[with_image], {h: v[with_image] for h, v in head_labels.items()},
             val_embeddings.top_inputs[val_with_image], {h: v[val_with_image] for h, v in val_head_labels.items()},
             train_pooled=train_embeddings.vectors[with_image], val_pooled=val_embeddings.vectors[val_with_image],
-            progress=progress)
+            train_views=[view.top_inputs[with_image] for view in train_views], progress=progress)
         tuned_embeddings(backbone, embeddings, settings.inference_batch_size)  # train/val rows are views
+        for view in train_views:
+            tuned_embeddings(backbone, view, settings.inference_batch_size)
+            view.top_inputs = None
         top_seconds = time.perf_counter() - t0
     elif mode == "top":
         mode = "none"  # nothing to tune on: no photos in one of the splits
@@ -251,8 +329,12 @@ def train(
 
     train_labels = with_auxiliary_labels(head_labels)
     val_labels = with_auxiliary_labels(val_head_labels)
-    train_data = make_dataset(encode_products(train_rows, text, train_embeddings), train_labels,
-                              batch_size=settings.batch_size, training=True, seed=settings.seed)
+    train_inputs = encode_products(train_rows, text, train_embeddings)
+    train_inputs["title_length"] = title_lengths(train_rows, text)
+    if train_views:  # stage 2 sees the first view (one more copy of the pooled vectors per view is not worth it)
+        train_inputs["augmented_image_embedding"] = train_views[0].vectors.astype(np.float32)
+    train_data = make_dataset(train_inputs, train_labels, batch_size=settings.batch_size, training=True,
+                              seed=settings.seed)
     val_data = make_dataset(encode_products(val_rows, text, val_embeddings), val_labels,
                             batch_size=settings.inference_batch_size, training=False, seed=settings.seed)
 
@@ -291,7 +373,8 @@ def train(
     history_dict = {k: [float(v) for v in values] for k, values in history.history.items()}
     if top_history:
         history_dict["backbone_top"] = top_history
-    timings = {"embedding_seconds": round(embedding_seconds, 1), "fit_seconds": round(fit_seconds, 1),
+    timings = {"embedding_seconds": round(embedding_seconds, 1),
+               "augmented_views_seconds": round(augmentation_seconds, 1), "fit_seconds": round(fit_seconds, 1),
                "backbone_top_seconds": round(top_seconds, 1), "text_expert_seconds": round(text_expert_seconds, 1),
                "train_seconds": round(time.perf_counter() - started, 1)}
     config = {
@@ -305,6 +388,9 @@ def train(
         "batch_size": settings.batch_size,
         "learning_rate": settings.learning_rate, "seed": settings.seed, "min_class_count": settings.min_class_count,
         "modality_dropout": {"image": DROP_IMAGE_PROBABILITY, "text": DROP_TEXT_PROBABILITY},
+        "augmentation": {"augmented_views": len(train_views), "view_probability": AUGMENTED_VIEW_PROBABILITY,
+                         "unknown_word_probability": UNKNOWN_WORD_PROBABILITY,
+                         "drop_title_probability": DROP_TITLE_PROBABILITY},
         "train_products": len(train_rows), "val_products": len(val_rows),
         "best_val_article_type_accuracy": max(history_dict.get(monitor, [0.0])),
         "primary_blend": blend, "primary_blend_val": blend_report,
@@ -421,16 +507,35 @@ def fine_tune_backbone(settings: Settings, head_model: keras.Model, text: TextEn
     return backbone
 
 
-def _top_dataset(top_inputs: np.ndarray, labels: dict, *, batch_size: int, training: bool, seed: int):
-    """(cached last-block inputs, labels, weights); mirrored feature maps stand in for flipped photos."""
-    def prepare(x, y, w):
-        x = tf.cast(x, tf.float32)
+def _top_dataset(top_inputs: np.ndarray, labels: dict, *, batch_size: int, training: bool, seed: int,
+                 views: list[np.ndarray] = ()):
+    """(cached last-block inputs, labels, weights); mirrored feature maps stand in for flipped photos.
+
+    Rows are gathered per batch from the arrays (no copy into the dataset: the activations are
+    ~19 KB per photo and view). When training, a row comes from one of its augmented ``views``
+    (aligned with ``top_inputs``) with probability ``AUGMENTED_VIEW_PROBABILITY``, else from the photo.
+    """
+    rng = np.random.default_rng(seed)
+
+    def gather(rows: np.ndarray) -> np.ndarray:
+        batch = top_inputs[rows]
+        if training and views:
+            pick = rng.integers(0, len(views), len(rows))
+            swap = rng.random(len(rows)) < AUGMENTED_VIEW_PROBABILITY
+            for index, view in enumerate(views):
+                chosen = swap & (pick == index)
+                batch[chosen] = view[rows[chosen]]
+        return batch
+
+    def prepare(rows, y, w):
+        x = tf.numpy_function(gather, [rows], tf.float16, stateful=training, name="gather_top_inputs")
+        x = tf.cast(tf.ensure_shape(x, [None, *top_inputs.shape[1:]]), tf.float32)
         if training:
-            x = tf.image.random_flip_left_right(x, seed=seed)
+            x = tf.image.random_flip_left_right(x, seed=seed)  # per photo of the batch
         return x, y, w
 
-    dataset = labelled_slices(top_inputs, labels, training=training, seed=seed)
-    return dataset.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    dataset = labelled_slices(np.arange(len(top_inputs)), labels, training=training, seed=seed)
+    return dataset.batch(batch_size).map(prepare, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
 
 def _vector_dataset(vectors: np.ndarray, labels: dict, *, batch_size: int, training: bool, seed: int):
@@ -441,7 +546,7 @@ def _vector_dataset(vectors: np.ndarray, labels: dict, *, batch_size: int, train
 
 def tune_backbone_top(settings: Settings, backbone: keras.Model, label_maps: dict, train_top: np.ndarray,
                       train_labels: dict, val_top: np.ndarray, val_labels: dict, *, train_pooled: np.ndarray,
-                      val_pooled: np.ndarray, progress: bool) -> dict:
+                      val_pooled: np.ndarray, progress: bool, train_views: list[np.ndarray] = ()) -> dict:
     """Stage 1 of "top" fine-tuning: adapt the backbone's last block to product photos, image alone.
 
     Frozen ImageNet features leave image-only articleType at ~0.83; training the last block on
@@ -449,7 +554,8 @@ def tune_backbone_top(settings: Settings, backbone: keras.Model, label_maps: dic
     epoch with the block frozen so their random gradients never reach the pretrained weights.
     With the block frozen its pooled output is the cached embedding (``*_pooled``), so the
     warm-up trains on those and never runs the block. The fused head is trained afterwards on
-    the adapted embeddings (stage 2, as without tuning).
+    the adapted embeddings (stage 2, as without tuning). ``train_views``: the last-block inputs
+    of the training photos' augmented views, sampled among with the photo's (see ``_top_dataset``).
     """
     from fashion_tagging.backbones import backbone_top
 
@@ -468,7 +574,7 @@ def tune_backbone_top(settings: Settings, backbone: keras.Model, label_maps: dic
     warm = keras.Model(embedding, {head: layer(dropout(embedding)) for head, layer in classifiers.items()},
                        name="image_expert_warmup")
     common = dict(batch_size=settings.batch_size, seed=settings.seed)
-    train_data = _top_dataset(train_top, train_labels, training=True, **common)
+    train_data = _top_dataset(train_top, train_labels, training=True, views=train_views, **common)
     val_data = _top_dataset(val_top, val_labels, training=False, **common)
     verbose = 2 if progress else 0
 

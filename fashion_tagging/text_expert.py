@@ -52,6 +52,28 @@ def texts_tensor(texts) -> tf.Tensor:
     return tf.constant([t if isinstance(t, str) else "" for t in texts], dtype=tf.string)[:, None]
 
 
+@keras.saving.register_keras_serializable(package="fashion_tagging")
+class MaskedMean(keras.layers.Layer):
+    """Mean over a sequence's unmasked steps, 0 when there is none (GlobalAveragePooling1D gives NaN
+    for a text without a single n-gram)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.supports_masking = True
+
+    def call(self, inputs, mask=None):
+        if mask is None:
+            return keras.ops.mean(inputs, axis=1)
+        weights = keras.ops.expand_dims(keras.ops.cast(mask, inputs.dtype), -1)
+        return keras.ops.sum(inputs * weights, axis=1) / keras.ops.maximum(keras.ops.sum(weights, axis=1), 1.0)
+
+    def compute_mask(self, inputs, mask=None):
+        return None
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], input_shape[2])
+
+
 def _tfidf_matrix(vectorizer: keras.layers.TextVectorization, texts: list[str]) -> tf.SparseTensor:
     chunks = [tf.sparse.from_dense(vectorizer(tf.constant(texts[i:i + VECTORIZE_CHUNK])))
               for i in range(0, len(texts), VECTORIZE_CHUNK)]
@@ -94,7 +116,7 @@ def fit_text_expert(texts: list[str], labels: np.ndarray, num_classes: int, *, s
     word_votes = keras.layers.Dense(num_classes, kernel_initializer="zeros", name="text_expert_word_votes")
     char_votes = keras.layers.Embedding(char_vectorizer.vocabulary_size(), num_classes, mask_zero=True,
                                         embeddings_initializer="zeros", name="text_expert_char_votes")
-    char_mean = keras.layers.GlobalAveragePooling1D(name="text_expert_char_mean")
+    char_mean = MaskedMean(name="text_expert_char_mean")
     char_scale = keras.layers.Rescaling(CHAR_VOTE_SCALE, name="text_expert_char_scale")
     softmax = keras.layers.Activation("softmax", dtype="float32", name="text_expert_softmax")
 

@@ -26,7 +26,6 @@ import collections
 import json
 import os
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -361,13 +360,9 @@ def write_run(label: str, run: dict, reference: dict) -> None:
     existing["reference"] = reference
     runs = dict(existing.get("runs") or {})
     runs[label] = run
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(dir=RESULTS.parent, prefix=f".{RESULTS.name}.", suffix=".tmp")
-    with os.fdopen(handle, "w") as out:
-        json.dump({**existing, "runs": runs}, out, indent=1)
-        out.write("\n")
-    os.chmod(staging, 0o644)  # mkstemp's 0600 would make the results private
-    os.replace(staging, RESULTS)
+    from fashion_tagging.artifacts import write_file_atomically
+
+    write_file_atomically(RESULTS, (json.dumps({**existing, "runs": runs}, indent=1) + "\n").encode())
 
 
 def print_table(label: str, run: dict) -> None:

@@ -3,12 +3,12 @@
 Imports the Kaggle catalog (or ``--limit`` products) into a temporary home (embedded PostgreSQL +
 local object store), then runs ``retrain_tagger`` through ``dag.test()`` with the real 0.91
 baseline: snapshot -> train -> evaluate on the fixed test split -> gate -> register. A copy of an
-existing frozen-backbone embedding cache (``--embedding-cache``) is reused when given, exactly as
+existing frozen-backbone feature store (``--feature-store``) is reused when given, exactly as
 the DAG reuses its own cache between weekly runs. Prints the decision and writes
 ``benchmarks/results/dag_retrain_gate.json``.
 
     .venv/bin/python benchmarks/dag_retrain_gate.py [--epochs 12] [--limit N] \\
-        [--embedding-cache .fashion-tagging/cache/embeddings]
+        [--feature-store .fashion-tagging/cache/features]
 """
 
 from __future__ import annotations
@@ -31,12 +31,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--limit", type=int, help="only the first N catalog rows (default: all)")
-    parser.add_argument("--embedding-cache", type=Path, help="folder of cached <backbone>-<size>.npz embeddings")
+    parser.add_argument("--feature-store", type=Path, help="a feature store folder (<home>/cache/features) to start from")
     args = parser.parse_args()
 
     from fashion_tagging import pipeline
     from fashion_tagging.db.engine import stop_embedded_postgres
-    from fashion_tagging.features import CACHE_SUBDIR
+    from fashion_tagging.features import STORE_SUBDIR
     from fashion_tagging.ingest import import_kaggle_catalog
     from fashion_tagging.objectstore import open_configured_store
     from fashion_tagging.settings import get_settings
@@ -44,8 +44,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ft-retrain-gate-") as home:
         settings = get_settings(home=Path(home), database_url=None, object_store_url=Path(home, "store").as_uri())
         os.environ["FT_HOME"] = home
-        if args.embedding_cache and args.embedding_cache.is_dir():
-            shutil.copytree(args.embedding_cache, settings.cache_dir / CACHE_SUBDIR)
+        if args.feature_store and args.feature_store.is_dir():
+            shutil.copytree(args.feature_store, settings.cache_dir / STORE_SUBDIR)
         try:
             imported = import_kaggle_catalog(settings.data_dir, open_configured_store(settings), limit=args.limit)
             conf = {"epochs": args.epochs or settings.epochs, "backbone": settings.backbone,

@@ -11,7 +11,7 @@ asks the gate (``pipeline.gate``, the real baseline and FT_GATE_SIGNIFICANCE):
    (``--small`` train products): expected promoted.
 
     .venv/bin/python benchmarks/gate_significance.py [--train 6000] [--val 1500] [--small 600] \\
-        [--embedding-cache /path/to/efficientnet-lite0-224.npz]
+        [--feature-store /path/to/cache/features]
 
 Prints each decision with its p-value and writes ``benchmarks/results/gate_significance.json``.
 """
@@ -41,24 +41,21 @@ def main() -> int:
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--fine-tune", choices=["none", "top"], default="none")
-    parser.add_argument("--embedding-cache", type=Path,
-                        help="an <backbone>-<size>.npz embedding cache to start from (copied, never written)")
+    parser.add_argument("--feature-store", type=Path,
+                        help="a feature store folder (<home>/cache/features) to start from (copied, never written)")
     args = parser.parse_args()
 
     from fashion_tagging.catalog import load_kaggle_catalog, with_clean_labels
     from fashion_tagging.evaluate import paired_scores, primary_predictions
-    from fashion_tagging.features import cache_path
+    from fashion_tagging.features import STORE_SUBDIR
     from fashion_tagging.pipeline import gate
     from fashion_tagging.settings import PRIMARY_HEAD, get_settings
     from fashion_tagging.train import train
 
     settings = get_settings(home=args.home, image_size=args.image_size, fine_tune=args.fine_tune,
                             **({"epochs": args.epochs} if args.epochs else {}))
-    if args.embedding_cache:
-        target = cache_path(settings.cache_dir, settings.backbone, settings.image_size)
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(args.embedding_cache, target)
+    if args.feature_store and not (settings.cache_dir / STORE_SUBDIR).exists():
+        shutil.copytree(args.feature_store, settings.cache_dir / STORE_SUBDIR)
     catalog = load_kaggle_catalog(settings.data_dir).products
     train_rows = catalog[catalog["split"] == "train"]
     val_rows = catalog[catalog["split"] == "val"].sample(min(args.val, int((catalog["split"] == "val").sum())),

@@ -34,7 +34,7 @@ def main() -> int:
     parser.add_argument("--artifact", type=Path, required=True, help="a trained model artifact directory")
     parser.add_argument("--data-dir", type=Path, help="Kaggle-layout catalog (default: FT_DATA_DIR)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/lifecycle-calibration"),
-                        help="where the artifact is copied (and the embedding cache kept)")
+                        help="where the artifact is copied (and the feature store kept)")
     parser.add_argument("--target-precision", type=float, default=0.99, help="articleType's target precision")
     parser.add_argument("--target-precision-other-heads", type=float, default=0.99,
                         help="the other heads' target precision (the setting's default is 0.95)")
@@ -50,7 +50,7 @@ def main() -> int:
     copy = args.work / "models" / config["version"]
     if copy.exists():
         shutil.rmtree(copy)
-    shutil.copytree(args.artifact, copy)  # with its embedding cache, if a fine-tuned backbone left one
+    shutil.copytree(args.artifact, copy)
     for stale in ("calibration.json",):
         (copy / stale).unlink(missing_ok=True)
     overrides = {"home": args.work, "target_precision": args.target_precision,

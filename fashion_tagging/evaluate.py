@@ -22,7 +22,7 @@ import pandas as pd
 from fashion_tagging.artifacts import FINE_TUNED_BACKBONE_FILE, Tagger
 from fashion_tagging.calibration import calibration_report
 from fashion_tagging.catalog import load_kaggle_catalog, with_clean_labels
-from fashion_tagging.features import catalog_image_embeddings
+from fashion_tagging.features import catalog_image_embeddings, tuned_embeddings
 from fashion_tagging.model import MODES, modality_view
 from fashion_tagging.settings import PRIMARY_HEAD, Settings
 
@@ -123,18 +123,26 @@ def peak_rss_mib() -> float:
 
 def split_embeddings(tagger: Tagger, artifact_dir: Path, rows: pd.DataFrame, settings: Settings, *,
                      progress: bool = False):
-    """The rows' image embeddings as this model computes them, from the cache where present.
+    """The rows' image embeddings as this model computes them, from the shared feature store.
 
-    A fine-tuned backbone's embeddings belong to that model alone (cached under its artifact),
-    never to the shared cache.
+    A last block tuned on stored activations ("top") runs on the store's activations, so
+    evaluating after training embeds no photo again. A backbone fine-tuned deeper ("full") has
+    features of its own: stored under its version (outside the artifact, which stays cache-free).
     """
     fine_tuned = (Path(artifact_dir) / FINE_TUNED_BACKBONE_FILE).is_file()
-    return catalog_image_embeddings(
-        rows["id"], rows["image_path"].tolist(), backbone_name=tagger.backbone_name, image_size=tagger.image_size,
-        cache_dir=Path(artifact_dir) / "cache" if fine_tuned else settings.cache_dir,
-        batch_size=settings.inference_batch_size, progress=progress,
-        backbone=tagger.backbone if fine_tuned else None,
-    )
+    mode = tagger.config.get("fine_tune_mode", "full" if fine_tuned else "none")
+    embed = dict(image_size=tagger.image_size, cache_dir=settings.cache_dir, batch_size=settings.inference_batch_size,
+                 progress=progress)
+    paths = rows["image_path"].tolist()
+    if fine_tuned and mode == "full":
+        return catalog_image_embeddings(rows["id"], paths, backbone_name=f"{tagger.backbone_name}-{tagger.version}",
+                                        backbone=tagger.backbone, **embed)
+    embeddings = catalog_image_embeddings(rows["id"], paths, backbone_name=tagger.backbone_name,
+                                          with_top_inputs=fine_tuned, **embed)
+    if fine_tuned:
+        tuned_embeddings(tagger.backbone, embeddings, settings.inference_batch_size)
+        embeddings.top_inputs = None
+    return embeddings
 
 
 def primary_predictions(artifact_dir: str | Path, settings: Settings, rows: pd.DataFrame, *,

@@ -1,17 +1,26 @@
-"""Frozen-backbone image embeddings, computed once per (backbone, image size) and cached.
+"""Image features of product photos, in an append-only sharded store keyed by the photo's content.
 
-The backbone is the expensive part of the model on a CPU; with it frozen, its 1280-d output
-for a product never changes, so every retrain reuses the cache and only embeds new products.
-The same pass also caches the activations that enter the backbone's last block
-(``backbones.TOP_CUT_LAYER``): fine-tuning that block then needs no image decoding or backbone
-pass at all, which is what makes fine-tuning affordable on a CPU.
+The frozen backbone's 1280-d output for a photo never changes, so every retrain reuses it and
+embeds only photos it has never seen. The same pass keeps the activations entering the
+backbone's last block (``backbones.TOP_CUT_LAYER``): fine-tuning that block then needs no image
+decoding or backbone pass at all, which is what makes fine-tuning affordable on a CPU.
+
+The store is keyed by a digest of the photo's bytes, not by product id: a replaced photo is a
+new key (the old vector is never served for it) and a photo shared by many products is embedded
+once. A pass appends shards, each written under a temporary name and committed by one atomic
+rename, so concurrent writers never clobber each other; readers memory-map the shards and gather
+rows on demand, so memory does not grow with the store. Train, evaluate and tag share it; it
+lives under the settings' cache directory, never inside a model artifact.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
+import shutil
+import time
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -21,14 +30,89 @@ from tqdm.auto import tqdm
 
 from fashion_tagging.augment import AugmentedView
 from fashion_tagging.errors import RowError
-from fashion_tagging.images import DECODE_RULE, file_image_dataset
+from fashion_tagging.images import DECODE_RULE, ImageDecodeError, file_image_dataset, read_photo_file
 from fashion_tagging.progress import ProgressLogger
 from fashion_tagging.settings import IMAGE_EMBEDDING_DIM
 
 log = logging.getLogger(__name__)
-CACHE_SUBDIR = "embeddings"
+STORE_SUBDIR = "features"
+LEGACY_CACHE_SUBDIR = "embeddings"  # the per-product .npz caches of earlier versions: no longer read
+SHARD_PREFIX = "shard-"
+# Photos per shard a pass writes: a crash loses at most this much work, and a pass holds at most
+# this many new last-block activations (~19 KB each) in memory.
+SHARD_ROWS = 4096
+DIGEST_DTYPE = np.dtype("S32")
+NO_DIGEST = b""
+VECTORS_FILE, TOP_INPUTS_FILE, KEYS_FILE = "vectors.npy", "top_inputs.npy", "keys.npy"
+REJECTED_FILE = "rejected.npy"  # per row: why the photo is unusable ("" when it is usable)
 # A photo the tf.data pass dropped without a reason (an exception outside decode_image's rule).
 UNEXPECTED_FAILURE = "cannot decode image: unexpected decode failure"
+# Rows gathered per step when materializing pooled vectors: bounds the float16 staging copy.
+GATHER_CHUNK = 65536
+
+
+def photo_digest(data: bytes) -> bytes:
+    """The store key of a photo: a digest of its bytes (what the backbone's output depends on)."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest().encode()
+
+
+def photo_file_digests(paths) -> np.ndarray:
+    """Each photo file's :func:`photo_digest`; ``NO_DIGEST`` where there is no readable file.
+
+    Reads at most ``MAX_PHOTO_BYTES + 1`` bytes, as decoding does: an oversized file is keyed by
+    its head, and rejected by the embedding pass like any other unusable photo.
+    """
+    digests = np.full(len(paths), NO_DIGEST, dtype=DIGEST_DTYPE)
+    for position, path in enumerate(paths):
+        if isinstance(path, str) and path:
+            try:
+                digests[position] = photo_digest(read_photo_file(path))
+            except ImageDecodeError:
+                pass  # unreadable: embedded on its own, which records tagging's reason
+    return digests
+
+
+@dataclasses.dataclass
+class StoredRows:
+    """Rows of memory-mapped shard arrays, gathered on demand: a store larger than memory is never read whole.
+
+    Row ``i`` is ``arrays[shard[i]][row[i]]``, or zeros where ``shard[i]`` is -1 (no photo).
+    Indexing with an index array, mask or slice returns those rows as a new in-memory array.
+    """
+
+    arrays: list
+    shard: np.ndarray
+    row: np.ndarray
+    row_shape: tuple
+    dtype: np.dtype = np.dtype(np.float16)
+
+    def __len__(self) -> int:
+        return len(self.shard)
+
+    @property
+    def shape(self) -> tuple:
+        return (len(self), *self.row_shape)
+
+    def __getitem__(self, selection) -> np.ndarray:
+        shard, row = np.atleast_1d(self.shard[selection]), np.atleast_1d(self.row[selection])
+        out = np.zeros((len(shard), *self.row_shape), dtype=self.dtype)
+        for s in np.unique(shard[shard >= 0]):
+            at = np.flatnonzero(shard == s)
+            at = at[np.argsort(row[at], kind="stable")]  # read each shard in file order
+            out[at] = self.arrays[s][row[at]]
+        return out
+
+    def subset(self, selection) -> "StoredRows":
+        """These rows' ``selection``, still on disk."""
+        return dataclasses.replace(self, shard=self.shard[selection], row=self.row[selection])
+
+    def filled_from(self, mask: np.ndarray, other: "StoredRows") -> "StoredRows":
+        """These rows with ``other``'s (aligned with them) where ``mask``; nothing is copied."""
+        shard, row = self.shard.copy(), self.row.copy()
+        shard[mask] = np.where(other.shard[mask] >= 0, other.shard[mask] + len(self.arrays), -1)
+        row[mask] = other.row[mask]
+        return dataclasses.replace(self, arrays=[*self.arrays, *other.arrays], shard=shard, row=row,
+                                   row_shape=self.row_shape if self.arrays else other.row_shape)
 
 
 @dataclasses.dataclass
@@ -39,7 +123,7 @@ class ImageEmbeddings:
     vectors: np.ndarray
     has_image: np.ndarray
     errors: list[RowError]
-    top_inputs: np.ndarray | None = None  # float16 (N, h, w, c) entering the last block; zeros without image
+    top_inputs: StoredRows | None = None  # float16 (N, h, w, c) entering the last block; zeros without image
 
     def rows(self, selection: slice) -> "ImageEmbeddings":
         """The embeddings of a contiguous range of the requested products (errors follow their product)."""
@@ -47,29 +131,108 @@ class ImageEmbeddings:
         wanted = set(ids.tolist())
         return ImageEmbeddings(ids, self.vectors[selection], self.has_image[selection],
                                [e for e in self.errors if e.product_id in wanted],
-                               None if self.top_inputs is None else self.top_inputs[selection])
+                               None if self.top_inputs is None else self.top_inputs.subset(selection))
 
 
-def cache_path(cache_dir: Path, backbone: str, image_size: int, view: AugmentedView | None = None) -> Path:
-    """The cache file of a (backbone, image size), or of one augmented view of the photos."""
+def store_dir(cache_dir: Path, backbone: str, image_size: int, view: AugmentedView | None = None) -> Path:
+    """The store of a (backbone, image size, photo decode rule), or of one augmented view of the photos.
+
+    The decode rule is part of the name: features of another rule's pixels would put train/serve
+    skew back, so they are never served.
+    """
+    rule = hashlib.blake2b(DECODE_RULE.encode(), digest_size=4).hexdigest()
     suffix = f"-{view.name}" if view is not None else ""
-    return Path(cache_dir) / CACHE_SUBDIR / f"{backbone}-{image_size}{suffix}.npz"
+    return Path(cache_dir) / STORE_SUBDIR / f"{backbone}-{image_size}-rule{rule}{suffix}"
 
 
-def cache_serves(data, with_top_inputs: bool) -> bool:
-    """Whether an opened cache file can answer: not one made from pixels of another decode rule
-    (tagging would see other pixels), nor one without last-block inputs when they are needed."""
-    same_rule = "decode_rule" in data.files and str(data["decode_rule"]) == DECODE_RULE
-    return same_rule and ("top_inputs" in data.files or not with_top_inputs)
+@dataclasses.dataclass
+class StoreIndex:
+    """Where each photo digest lives in a store's committed shards (the keys alone are read)."""
+
+    keys: np.ndarray  # sorted unique digests
+    shard: np.ndarray  # int32, shard of each key
+    row: np.ndarray  # int64, row of each key in its shard
+    vectors: list  # memory-mapped float16 (n, 1280) per shard
+    top_inputs: list | None  # memory-mapped float16 (n, h, w, c) per shard, when every shard has them
+    rejected: list  # per shard, why each row's photo is unusable ("" when usable)
+
+    def locate(self, digests: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(shard, row) of each digest; shard -1 where the store does not hold it."""
+        shard = np.full(len(digests), -1, dtype=np.int32)
+        row = np.zeros(len(digests), dtype=np.int64)
+        if len(self.keys) and len(digests):
+            at = np.minimum(np.searchsorted(self.keys, digests), len(self.keys) - 1)
+            found = (self.keys[at] == digests) & (digests != NO_DIGEST)
+            shard[found], row[found] = self.shard[at[found]], self.row[at[found]]
+        return shard, row
+
+    def rejections(self, shard: np.ndarray, row: np.ndarray) -> np.ndarray:
+        """Why each located photo is unusable ("" when usable or not located)."""
+        reasons = np.full(len(shard), "", dtype=object)
+        for s in np.unique(shard[shard >= 0]):
+            at = shard == s
+            reasons[at] = self.rejected[s][row[at]]
+        return reasons
 
 
-def cached_product_ids(cache_dir: Path, backbone: str, image_size: int, *, with_top_inputs: bool = False) -> set[int]:
-    """Products whose embedding (and, if asked, last-block inputs) the cache already holds."""
-    path = cache_path(cache_dir, backbone, image_size)
-    if not path.is_file():
-        return set()
-    with np.load(path) as data:
-        return {int(i) for i in data["ids"]} if cache_serves(data, with_top_inputs) else set()
+class FeatureStore:
+    """An append-only directory of shards: ``shard-<time>-<uuid>/{keys,vectors[,top_inputs]}.npy``."""
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+
+    def shards(self) -> list[Path]:
+        """Committed shards, oldest first (a writer's temporary directory is never listed)."""
+        if not self.directory.is_dir():
+            return []
+        return sorted(p for p in self.directory.iterdir() if p.name.startswith(SHARD_PREFIX) and p.is_dir())
+
+    def has_top_inputs(self) -> bool:
+        return any((shard / TOP_INPUTS_FILE).is_file() for shard in self.shards())
+
+    def index(self, *, with_top_inputs: bool = False) -> StoreIndex:
+        """The store's index; ``with_top_inputs``: only shards that hold last-block inputs count."""
+        keys, shard_of, rows, vectors, tops, rejected = [], [], [], [], [], []
+        for shard in self.shards():
+            if with_top_inputs and not (shard / TOP_INPUTS_FILE).is_file():
+                continue
+            shard_keys = np.load(shard / KEYS_FILE)
+            keys.append(shard_keys)
+            shard_of.append(np.full(len(shard_keys), len(vectors), dtype=np.int32))
+            rows.append(np.arange(len(shard_keys), dtype=np.int64))
+            vectors.append(np.load(shard / VECTORS_FILE, mmap_mode="r"))
+            tops.append(np.load(shard / TOP_INPUTS_FILE, mmap_mode="r") if with_top_inputs else None)
+            rejected.append(np.load(shard / REJECTED_FILE))
+        if not keys:
+            return StoreIndex(np.zeros(0, DIGEST_DTYPE), np.zeros(0, np.int32), np.zeros(0, np.int64), [],
+                              [] if with_top_inputs else None, [])
+        all_keys = np.concatenate(keys)
+        # A photo two writers embedded at once is in two shards: either copy serves (the oldest is kept).
+        unique, first = np.unique(all_keys, return_index=True)
+        return StoreIndex(unique, np.concatenate(shard_of)[first], np.concatenate(rows)[first], vectors,
+                          tops if with_top_inputs else None, rejected)
+
+    def append(self, digests: np.ndarray, vectors: np.ndarray, top_inputs: np.ndarray | None = None,
+               rejected: np.ndarray | None = None) -> Path:
+        """Commit one shard: written under a temporary name, made visible by one atomic rename.
+
+        ``rejected``: why each row's photo is unusable ("" for usable ones; zero features stand in).
+        A photo's bytes decide its fate, so a rejected photo is not tried again either.
+        """
+        name = f"{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        tmp = self.directory / f".tmp-{name}"
+        tmp.mkdir(parents=True)
+        try:
+            np.save(tmp / VECTORS_FILE, np.asarray(vectors, dtype=np.float16))
+            if top_inputs is not None:
+                np.save(tmp / TOP_INPUTS_FILE, np.asarray(top_inputs, dtype=np.float16))
+            np.save(tmp / REJECTED_FILE, np.asarray([""] * len(digests) if rejected is None else rejected, dtype=str))
+            np.save(tmp / KEYS_FILE, np.asarray(digests, dtype=DIGEST_DTYPE))
+            final = self.directory / f"{SHARD_PREFIX}{name}"
+            tmp.rename(final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return final
 
 
 def embed_image_files(paths: list[str], backbone, image_size: int, batch_size: int, *, progress: bool = True,
@@ -122,84 +285,102 @@ def catalog_image_embeddings(
     batch_size: int = 64, progress: bool = True, backbone=None, with_top_inputs: bool = False,
     view: AugmentedView | None = None,
 ) -> ImageEmbeddings:
-    """Embeddings for these products, from the cache where present, computing (and caching) the rest.
+    """Embeddings for these products, from the feature store where present, embedding (and storing) the rest.
 
-    ``with_top_inputs`` also returns the last block's input activations; a cache written without
-    them is then rebuilt once. A cache that has them keeps them for every product it adds.
-    ``view``: the embeddings of that augmented view of the photos (training), in a cache of its own.
+    Each distinct photo not in the store is embedded once, however many products share it.
+    ``with_top_inputs`` also returns the last block's input activations (on disk, gathered on
+    demand); a photo stored without them is embedded again once. A store that has them keeps
+    them for every photo it adds. ``view``: that augmented view of the photos (training), in a
+    store of its own.
     """
     product_ids = np.asarray(product_ids, dtype=np.int64)
-    path = cache_path(cache_dir, backbone_name, image_size, view)
-    cached: dict[int, int] = {}
-    cached_ids = np.zeros(0, dtype=np.int64)
-    cached_vectors = np.zeros((0, IMAGE_EMBEDDING_DIM), dtype=np.float16)
-    cached_top = None
-    if path.is_file():
-        with np.load(path) as data:
-            if cache_serves(data, with_top_inputs):
-                cached_ids, cached_vectors = data["ids"], data["vectors"]
-                cached_top = data["top_inputs"] if "top_inputs" in data.files else None
-            else:
-                log.info("embedding cache %s is from another photo decode rule or has no last-block inputs: "
-                         "rebuilding it", path)
-        cached = {int(i): row for row, i in enumerate(cached_ids)}
-    keep_top = with_top_inputs or cached_top is not None
-
-    vectors = np.zeros((len(product_ids), IMAGE_EMBEDDING_DIM), dtype=np.float32)
-    top_inputs = None
-    if with_top_inputs and cached_top is not None:
-        top_inputs = np.zeros((len(product_ids), *cached_top.shape[1:]), dtype=np.float16)
-    has_image = np.zeros(len(product_ids), dtype=bool)
-    errors: list[RowError] = []
-    todo = []
-    for position, (pid, image_path) in enumerate(zip(product_ids, image_paths, strict=True)):
-        if not isinstance(image_path, str) or not image_path:
-            errors.append(RowError("product has no image", int(pid), "", stage="image"))
-        elif int(pid) in cached:
-            row = cached[int(pid)]
-            vectors[position] = cached_vectors[row]
-            if top_inputs is not None:
-                top_inputs[position] = cached_top[row]
-            has_image[position] = True
-        else:
-            todo.append(position)
-
-    if todo:
+    image_paths = list(image_paths)
+    if len(image_paths) != len(product_ids):
+        raise ValueError(f"{len(product_ids)} product ids but {len(image_paths)} image paths")
+    store = FeatureStore(store_dir(cache_dir, backbone_name, image_size, view))
+    _note_legacy_cache(Path(cache_dir))
+    has_path = np.array([isinstance(p, str) and bool(p) for p in image_paths], dtype=bool)
+    digests = photo_file_digests(image_paths)
+    shard, _ = store.index(with_top_inputs=with_top_inputs).locate(digests)
+    missing = np.flatnonzero(has_path & (shard < 0))
+    # One embedding per distinct photo; an unreadable file (no digest) on its own, for its reason.
+    readable = missing[digests[missing] != NO_DIGEST]
+    _, first = np.unique(digests[readable], return_index=True)
+    todo = np.sort(np.concatenate([readable[first], missing[digests[missing] == NO_DIGEST]]))
+    reasons: dict[bytes | int, str] = {}  # digest (or position, if none) -> why the photo is unusable
+    if len(todo):
         if backbone is None:
             from fashion_tagging.backbones import build_backbone
 
             backbone = build_backbone(backbone_name, image_size)
-        log.info("embedding %d images with %s at %dpx (%d cached)", len(todo), backbone_name, image_size, len(cached))
-        reasons: dict[int, str] = {}
-        new_vectors, new_top, ok = embed_image_files([image_paths[p] for p in todo], backbone, image_size,
-                                                     batch_size, progress=progress, with_top_inputs=keep_top,
-                                                     reasons=reasons, view=view)
-        if with_top_inputs and top_inputs is None:
-            top_inputs = np.zeros((len(product_ids), *new_top.shape[1:]), dtype=np.float16)
-        for i, (position, good) in enumerate(zip(todo, ok, strict=True)):
-            if good:
-                vectors[position] = new_vectors[i]
-                if top_inputs is not None:
-                    top_inputs[position] = new_top[i]
-                has_image[position] = True
-            else:
-                errors.append(RowError(reasons.get(i, UNEXPECTED_FAILURE),
-                                       int(product_ids[position]), str(image_paths[position]), stage="image"))
-        if not ok.all():
-            why = Counter(reasons.get(int(i), UNEXPECTED_FAILURE) for i in np.flatnonzero(~ok))
-            log.warning("%d of %d photos not usable (left image-less): %s", int((~ok).sum()), len(todo),
+        keep_top = with_top_inputs or store.has_top_inputs()
+        log.info("embedding %d photos of %d products with %s at %dpx (%d products' photos in the store)",
+                 len(todo), len(missing), backbone_name, image_size, int(has_path.sum()) - len(missing))
+        for start in range(0, len(todo), SHARD_ROWS):
+            chunk = todo[start:start + SHARD_ROWS]
+            chunk_reasons: dict[int, str] = {}
+            vectors, top, ok = embed_image_files([image_paths[p] for p in chunk], backbone, image_size, batch_size,
+                                                 progress=progress, with_top_inputs=keep_top, reasons=chunk_reasons,
+                                                 view=view)
+            rejected = np.full(len(chunk), "", dtype=object)
+            for i in np.flatnonzero(~ok):
+                position = int(chunk[i])
+                key = digests[position] if digests[position] != NO_DIGEST else position
+                reasons[key] = rejected[i] = chunk_reasons.get(int(i), UNEXPECTED_FAILURE)
+            # Stored: usable photos, and rejections decided by the bytes (not an unreadable file or an
+            # unexplained failure, which a later pass may not repeat).
+            keep = (digests[chunk] != NO_DIGEST) & (rejected != UNEXPECTED_FAILURE)
+            if keep.any():
+                store.append(digests[chunk[keep]], vectors[keep], None if top is None else top[keep],
+                             rejected[keep].astype(str))
+        if reasons:
+            why = Counter(reasons.values())
+            log.warning("%d of %d photos not usable (left image-less): %s", len(reasons), len(todo),
                         "; ".join(f"{count} x {reason}" for reason, count in why.most_common(5)))
-        new_ids = product_ids[todo][ok]
-        arrays = {"decode_rule": np.array(DECODE_RULE), "ids": np.concatenate([cached_ids, new_ids]),
-                  "vectors": np.concatenate([cached_vectors, new_vectors[ok].astype(np.float16)])}
-        if keep_top:
-            arrays["top_inputs"] = new_top[ok] if cached_top is None else np.concatenate([cached_top, new_top[ok]])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # A name of its own per writer: two trainings adding to one cache never write into one file.
-        tmp = path.with_name(f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex}.tmp.npz")
-        try:
-            np.savez(tmp, **arrays)
-            tmp.replace(path)
-        finally:
-            tmp.unlink(missing_ok=True)
+
+    index = store.index(with_top_inputs=with_top_inputs)
+    shard, row = index.locate(digests)
+    stored_reasons = index.rejections(shard, row)
+    shard[stored_reasons != ""] = -1  # a rejected photo: no features
+    vectors = np.zeros((len(product_ids), IMAGE_EMBEDDING_DIM), dtype=np.float32)
+    stored_vectors = StoredRows(index.vectors, shard, row, (IMAGE_EMBEDDING_DIM,))
+    for start in range(0, len(product_ids), GATHER_CHUNK):
+        vectors[start:start + GATHER_CHUNK] = stored_vectors[start:start + GATHER_CHUNK]
+    has_image = shard >= 0
+    errors: list[RowError] = []
+    for position in np.flatnonzero(~has_image):
+        if not has_path[position]:
+            errors.append(RowError("product has no image", int(product_ids[position]), "", stage="image"))
+            continue
+        key = digests[position] if digests[position] != NO_DIGEST else int(position)
+        reason = stored_reasons[position] or reasons.get(key, UNEXPECTED_FAILURE)
+        errors.append(RowError(reason, int(product_ids[position]), str(image_paths[position]), stage="image"))
+    top_inputs = None
+    if with_top_inputs:
+        row_shape = index.top_inputs[0].shape[1:] if index.top_inputs else (0,)
+        top_inputs = StoredRows(index.top_inputs, shard, row, tuple(row_shape))
     return ImageEmbeddings(product_ids, vectors, has_image, errors, top_inputs)
+
+
+def _note_legacy_cache(cache_dir: Path) -> None:
+    """Say once that an earlier version's per-product cache is not read (its photos are embedded again)."""
+    legacy = sorted((cache_dir / LEGACY_CACHE_SUBDIR).glob("*.npz"))
+    if legacy and not getattr(_note_legacy_cache, "said", False):
+        _note_legacy_cache.said = True
+        log.info("the per-product embedding cache %s of an earlier version is not read (keyed by product id, "
+                 "it cannot tell a replaced photo): photos are embedded once more into %s; it can be deleted",
+                 legacy[0].parent, cache_dir / STORE_SUBDIR)
+
+
+def tuned_embeddings(backbone, embeddings: ImageEmbeddings, batch_size: int) -> None:
+    """Replace the frozen pooled vectors with a tuned last block's, computed from the stored activations."""
+    from fashion_tagging.backbones import backbone_top
+
+    if embeddings.top_inputs is None or not embeddings.has_image.any():
+        return
+    top = backbone_top(backbone)
+    rows = np.flatnonzero(embeddings.has_image)
+    for start in range(0, len(rows), 1024):
+        chunk = rows[start:start + 1024]
+        embeddings.vectors[chunk] = np.asarray(
+            top.predict_on_batch(embeddings.top_inputs[chunk].astype(np.float32)), dtype=np.float32)

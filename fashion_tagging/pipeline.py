@@ -285,13 +285,8 @@ def snapshot_training_data(settings: Settings) -> dict:
             REVIEW_LABELS_KEY: review_labels}
 
 
-def load_snapshot(settings: Settings, snapshot: dict, splits: tuple[str, ...], *, backbone: str, image_size: int,
-                  need_all_images: bool, need_top_inputs: bool = False):
-    """The snapshot's rows in ``splits`` as the catalog frame train/evaluate expect, with local image files.
-
-    Images whose embedding is already cached for (backbone, image size) are not downloaded: the
-    frozen backbone's output for them cannot have changed.
-    """
+def load_snapshot(settings: Settings, snapshot: dict, splits: tuple[str, ...]):
+    """The snapshot's rows in ``splits`` as the catalog frame train/evaluate expect, with local image files."""
     import io
 
     import pandas as pd
@@ -303,41 +298,87 @@ def load_snapshot(settings: Settings, snapshot: dict, splits: tuple[str, ...], *
     frame = with_clean_labels(frame[frame["split"].isin(splits)].reset_index(drop=True))
     frame["description"] = frame["description"].map(clean_html)
     frame["text"] = [product_text(t, d) for t, d in zip(frame["productDisplayName"], frame["description"], strict=True)]
-    frame["image_path"] = materialize_images(settings, frame, backbone=backbone, image_size=image_size,
-                                             need_all_images=need_all_images, need_top_inputs=need_top_inputs)
+    frame["image_path"] = materialize_images(settings, frame)
     return frame
 
 
-def materialize_images(settings: Settings, frame, *, backbone: str, image_size: int, need_all_images: bool,
-                       need_top_inputs: bool = False) -> list:
-    """Local paths of the products' images, downloading only those not already on disk or cached.
+PHOTO_LEDGER_FILE = ".fingerprints.parquet"  # object key -> store fingerprint of the local copy
 
-    ``need_top_inputs``: a cache without the last block's activations does not count (it is rebuilt).
+
+def materialize_images(settings: Settings, frame) -> list:
+    """Local copies of the products' photos, downloading those new or replaced in the object store since copied.
+
+    One listing gives every photo's store fingerprint (ETag, or size+mtime); a local copy whose
+    recorded fingerprint still matches is current and is not downloaded again. The feature store
+    is keyed by the copies' bytes: a replaced photo is embedded anew, an unchanged one never.
     """
-    from fashion_tagging.features import cached_product_ids
-    from fashion_tagging.objectstore import open_configured_store
+    from fashion_tagging.artifacts import write_file_atomically
+    from fashion_tagging.objectstore import ObjectNotFound, open_configured_store
 
-    cached_ids: set[int] = set() if need_all_images else cached_product_ids(
-        settings.cache_dir, backbone, image_size, with_top_inputs=need_top_inputs)
+    store = open_configured_store(settings)
     image_dir = settings.cache_dir / "images"
-    paths, to_fetch = [], {}
-    for pid, key in zip(frame["id"], frame["image_key"], strict=True):
-        if not isinstance(key, str) or not key:  # no photo (None, or NaN after a DataFrame round trip)
+    ledger = read_photo_ledger(image_dir)
+    keys = [key if isinstance(key, str) and key else None for key in frame["image_key"]]  # NaN: no photo
+    listed = store.list_fingerprints(settings.images_prefix) if any(keys) else {}
+    paths, to_fetch, current = [], {}, {}
+    for key in keys:
+        if key is None:
             paths.append(None)
             continue
         path = image_dir / key
         paths.append(str(path))
-        if int(pid) not in cached_ids and not path.is_file():
+        if key in current or key in to_fetch:
+            continue
+        fingerprint = listed.get(key)
+        if fingerprint is None and not key.startswith(settings.images_prefix):
+            try:
+                fingerprint = store.fingerprint(key)
+            except ObjectNotFound:
+                pass
+        if fingerprint is not None and ledger.get(key) == fingerprint and path.is_file():
+            current[key] = fingerprint
+        else:
             to_fetch[key] = path
+            current[key] = fingerprint
     if to_fetch:
-        log.info("downloading %d product images (%d embeddings cached)", len(to_fetch), len(cached_ids))
-        for key, data in open_configured_store(settings).get_many(to_fetch).items():
+        log.info("downloading %d product photos (%d local copies current)", len(to_fetch), len(current) - len(to_fetch))
+        for key, data in store.get_many(to_fetch).items():
+            path = to_fetch[key]
             if isinstance(data, Exception):
                 log.warning("image %s unavailable: %s", key, data)  # embedding step records it per product
+                path.unlink(missing_ok=True)  # a stale copy must not stand in for it
+                ledger.pop(key, None)
                 continue
-            to_fetch[key].parent.mkdir(parents=True, exist_ok=True)
-            to_fetch[key].write_bytes(data)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_file_atomically(path, data)
+            if current[key] is not None:
+                ledger[key] = current[key]
+        write_photo_ledger(image_dir, ledger)
     return paths
+
+
+def read_photo_ledger(image_dir: Path) -> dict[str, str]:
+    """Object key -> the store fingerprint its local copy was downloaded at (empty when none yet)."""
+    import pandas as pd
+
+    path = image_dir / PHOTO_LEDGER_FILE
+    if not path.is_file():
+        return {}
+    table = pd.read_parquet(path)
+    return dict(zip(table["key"], table["fingerprint"], strict=True))
+
+
+def write_photo_ledger(image_dir: Path, ledger: dict[str, str]) -> None:
+    """Replace the ledger atomically; two retrains writing at once lose at most a re-download."""
+    import io
+
+    import pandas as pd
+
+    from fashion_tagging.artifacts import write_file_atomically
+
+    buffer = io.BytesIO()
+    pd.DataFrame({"key": list(ledger), "fingerprint": list(ledger.values())}).to_parquet(buffer, index=False)
+    write_file_atomically(image_dir / PHOTO_LEDGER_FILE, buffer.getvalue())
 
 
 def candidate_settings(settings: Settings, params: dict) -> Settings:
@@ -354,9 +395,7 @@ def train_model(settings: Settings, params: dict, snapshot: dict) -> dict:
 
     settings = candidate_settings(settings, params)
     mode = fine_tune_mode(params["fine_tune"] if params.get("fine_tune") is not None else settings.fine_tune)
-    frame = load_snapshot(settings, snapshot, ("train", "val"), backbone=settings.backbone,
-                          image_size=settings.image_size, need_all_images=mode == "full",
-                          need_top_inputs=mode == "top")
+    frame = load_snapshot(settings, snapshot, ("train", "val"))
     result = train(settings, products=frame, epochs=settings.epochs, progress=False, fine_tune=mode)
     review_labels = snapshot.get(REVIEW_LABELS_KEY) or {}
     record_in_artifact(result.artifact_dir, review_labels)  # config.json says which reviewed labels it learnt
@@ -382,8 +421,7 @@ def evaluate_model(settings: Settings, trained: dict, snapshot: dict, *, split: 
     from fashion_tagging.evaluate import evaluate
 
     artifact_dir = fetch_artifact(settings, trained["version"])
-    frame = load_snapshot(settings, snapshot, (split,), backbone=trained["backbone"],
-                          image_size=trained["image_size"], need_all_images=trained["fine_tuned"])
+    frame = load_snapshot(settings, snapshot, (split,))
     report = evaluate(artifact_dir, settings, split=split, products=frame, progress=False)
     publish_artifact(settings, artifact_dir)
     fused = report["modes"]["fused"]
@@ -397,12 +435,11 @@ def evaluate_model(settings: Settings, trained: dict, snapshot: dict, *, split: 
         "calibration": {head: {key: scores.get(key) for key in ("ece_before", "ece_after", "coverage",
                                                                  "accepted_accuracy")}
                         for head, scores in (report.get("calibration") or {}).items()},
-        "paired": paired_with_production(settings, trained, artifact_dir, snapshot, frame, split),
+        "paired": paired_with_production(settings, trained, artifact_dir, frame, split),
     }
 
 
-def paired_with_production(settings: Settings, trained: dict, artifact_dir: Path, snapshot: dict, frame,
-                           split: str) -> dict | None:
+def paired_with_production(settings: Settings, trained: dict, artifact_dir: Path, frame, split: str) -> dict | None:
     """Candidate and production fused articleType predictions on the same products; None without production."""
     from fashion_tagging.catalog import with_clean_labels
     from fashion_tagging.db import repository
@@ -413,15 +450,9 @@ def paired_with_production(settings: Settings, trained: dict, artifact_dir: Path
     if production is None or production["version"] == trained["version"]:
         return None
     production_dir = fetch_artifact(settings, production["version"])
-    same_inputs = (production["backbone"], int(production["image_size"])) == (trained["backbone"],
-                                                                            int(trained["image_size"]))
-    production_frame = frame if same_inputs and (trained["fine_tuned"] or not production["fine_tuned"]) else \
-        load_snapshot(settings, snapshot, (split,), backbone=production["backbone"],
-                      image_size=int(production["image_size"]), need_all_images=bool(production["fine_tuned"]))
+    # The same local photos serve both models: each takes its features from the shared store.
     rows = with_clean_labels(frame, (PRIMARY_HEAD,))
-    production_rows = with_clean_labels(production_frame, (PRIMARY_HEAD,))
-    if rows["id"].tolist() != production_rows["id"].tolist():  # one snapshot, one order: never expected
-        raise RuntimeError("the candidate's and the production model's test rows differ: cannot pair them")
+    production_rows = rows
     candidate = primary_predictions(artifact_dir, settings, rows)
     production_labels = primary_predictions(production_dir, settings, production_rows)
     scores = paired_scores(rows[PRIMARY_HEAD].tolist(), candidate, production_labels)

@@ -30,7 +30,7 @@ from fashion_tagging.artifacts import save_artifact
 from fashion_tagging.augment import AugmentedView
 from fashion_tagging.catalog import load_kaggle_catalog, with_clean_labels
 from fashion_tagging.images import photo_tensors
-from fashion_tagging.features import catalog_image_embeddings
+from fashion_tagging.features import catalog_image_embeddings, tuned_embeddings
 from fashion_tagging.progress import epoch_logger
 from fashion_tagging.model import (AUXILIARY_HEADS, BLEND_SITUATIONS, MODES, OTHER_LABEL, LabelMap, TextEncoder,
                                    build_head_model, choose_blend, compile_head_model, modality_view, model_inputs)
@@ -251,7 +251,7 @@ def augmented_views(settings: Settings, rows: pd.DataFrame, embeddings, *, with_
         missing = embeddings.has_image & ~view.has_image
         view.vectors[missing] = embeddings.vectors[missing]
         if with_top_inputs:
-            view.top_inputs[missing] = embeddings.top_inputs[missing]
+            view.top_inputs = view.top_inputs.filled_from(missing, embeddings.top_inputs)
         view.has_image = embeddings.has_image.copy()
         views.append(view)
     return views
@@ -313,10 +313,11 @@ def train(
         with_image, val_with_image = train_embeddings.has_image, val_embeddings.has_image
         expert, top_history = tune_backbone_top(
             settings, backbone, label_maps,
-            train_embeddings.top_inputs[with_image], {h: v[with_image] for h, v in head_labels.items()},
-            val_embeddings.top_inputs[val_with_image], {h: v[val_with_image] for h, v in val_head_labels.items()},
+            train_embeddings.top_inputs.subset(with_image), {h: v[with_image] for h, v in head_labels.items()},
+            val_embeddings.top_inputs.subset(val_with_image),
+            {h: v[val_with_image] for h, v in val_head_labels.items()},
             train_pooled=train_embeddings.vectors[with_image], val_pooled=val_embeddings.vectors[val_with_image],
-            train_views=[view.top_inputs[with_image] for view in train_views], progress=progress)
+            train_views=[view.top_inputs.subset(with_image) for view in train_views], progress=progress)
         tuned_embeddings(backbone, embeddings, settings.inference_batch_size)  # train/val rows are views
         for view in train_views:
             tuned_embeddings(backbone, view, settings.inference_batch_size)
@@ -324,7 +325,7 @@ def train(
         top_seconds = time.perf_counter() - t0
     elif mode == "top":
         mode = "none"  # nothing to tune on: no photos in one of the splits
-    embeddings.top_inputs = None  # ~0.8 GB on the full catalog; stage 2 needs only the pooled vectors
+    embeddings.top_inputs = None  # stage 2 needs only the pooled vectors
     train_embeddings.top_inputs = val_embeddings.top_inputs = None
 
     train_labels = with_auxiliary_labels(head_labels)
@@ -599,17 +600,3 @@ def tune_backbone_top(settings: Settings, backbone: keras.Model, label_maps: dic
                       callbacks=[keep_best, epoch_logger("backbone last block", settings.top_tune_epochs,
                                                          f"{PRIMARY_HEAD}_acc")])
     return expert, {k: [float(v) for v in warmup.history[k] + tuned.history[k]] for k in tuned.history}
-
-
-def tuned_embeddings(backbone: keras.Model, embeddings, batch_size: int) -> None:
-    """Replace the frozen pooled vectors with the tuned top's, computed from the cached activations."""
-    from fashion_tagging.backbones import backbone_top
-
-    if embeddings.top_inputs is None or not embeddings.has_image.any():
-        return
-    top = backbone_top(backbone)
-    rows = np.flatnonzero(embeddings.has_image)
-    for start in range(0, len(rows), 1024):
-        chunk = rows[start:start + 1024]
-        embeddings.vectors[chunk] = np.asarray(
-            top.predict_on_batch(embeddings.top_inputs[chunk].astype(np.float32)), dtype=np.float32)

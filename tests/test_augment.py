@@ -8,7 +8,7 @@ from PIL import Image
 from fashion_tagging import augment
 from fashion_tagging.augment import AugmentedView
 from fashion_tagging.catalog import load_kaggle_catalog
-from fashion_tagging.features import cache_path, catalog_image_embeddings
+from fashion_tagging.features import FeatureStore, catalog_image_embeddings, store_dir
 
 
 def _photo() -> Image.Image:
@@ -85,7 +85,7 @@ def test_training_caches_each_augmented_view_once_and_reuses_it(tiny_artifact, t
     config = json.loads((tiny_artifact / "config.json").read_text())
     assert config["augmentation"]["augmented_views"] == settings.augmented_views == 1
     view = AugmentedView(0, settings.seed)
-    assert cache_path(settings.cache_dir, settings.backbone, settings.image_size, view).is_file()
+    assert FeatureStore(store_dir(settings.cache_dir, settings.backbone, settings.image_size, view)).shards()
 
     products = load_kaggle_catalog(settings.data_dir).products
     rows = products[products["split"] == "train"].reset_index(drop=True)

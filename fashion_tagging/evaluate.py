@@ -141,7 +141,7 @@ def split_embeddings(tagger: Tagger, artifact_dir: Path, rows: pd.DataFrame, set
                                           with_top_inputs=fine_tuned, **embed)
     if fine_tuned:
         tuned_embeddings(tagger.backbone, embeddings, settings.inference_batch_size)
-        embeddings.top_inputs = None
+        embeddings.top_inputs = embeddings.photo_top_inputs = None
     return embeddings
 
 

@@ -106,6 +106,13 @@ class StoredRows:
         """These rows' ``selection``, still on disk."""
         return dataclasses.replace(self, shard=self.shard[selection], row=self.row[selection])
 
+    def appended(self, other: "StoredRows") -> "StoredRows":
+        """These rows, then ``other``'s; nothing is copied."""
+        shard = np.where(other.shard >= 0, other.shard + len(self.arrays), -1)
+        return dataclasses.replace(self, arrays=[*self.arrays, *other.arrays], shard=np.concatenate([self.shard, shard]),
+                                   row=np.concatenate([self.row, other.row]),
+                                   row_shape=self.row_shape if self.arrays else other.row_shape)
+
     def filled_from(self, mask: np.ndarray, other: "StoredRows") -> "StoredRows":
         """These rows with ``other``'s (aligned with them) where ``mask``; nothing is copied."""
         shard, row = self.shard.copy(), self.row.copy()
@@ -117,21 +124,58 @@ class StoredRows:
 
 @dataclasses.dataclass
 class ImageEmbeddings:
-    """Embeddings aligned with the requested product ids; ``has_image`` False -> a zero row."""
+    """Embeddings aligned with the requested product ids; a product without image gets a zero row.
+
+    Vectors are held once per distinct photo (``photo_vectors``; ``photo_rows`` gives each
+    product's row, -1 without image): a photo shared by many products costs its memory once.
+    """
 
     product_ids: np.ndarray
-    vectors: np.ndarray
-    has_image: np.ndarray
+    photo_vectors: np.ndarray  # float32 (photos, 1280)
+    photo_rows: np.ndarray  # int64 per product, -1: no image
     errors: list[RowError]
-    top_inputs: StoredRows | None = None  # float16 (N, h, w, c) entering the last block; zeros without image
+    top_inputs: StoredRows | None = None  # per product, entering the last block (zeros without image)
+    photo_top_inputs: StoredRows | None = None  # per photo, aligned with ``photo_vectors``
 
-    def rows(self, selection: slice) -> "ImageEmbeddings":
-        """The embeddings of a contiguous range of the requested products (errors follow their product)."""
+    @property
+    def has_image(self) -> np.ndarray:
+        return self.photo_rows >= 0
+
+    @property
+    def vectors(self) -> np.ndarray:
+        """A per-product copy of the vectors (zero rows without image): for evaluation-sized splits."""
+        out = np.zeros((len(self.photo_rows), self.photo_vectors.shape[1]), dtype=np.float32)
+        has_image = self.has_image
+        out[has_image] = self.photo_vectors[self.photo_rows[has_image]]
+        return out
+
+    def gather_table(self) -> tuple[np.ndarray, np.ndarray]:
+        """(the photo vectors plus a final zero row, each product's row in it): for per-batch gathers."""
+        table = np.concatenate([self.photo_vectors, np.zeros((1, self.photo_vectors.shape[1]), np.float32)])
+        return table, np.where(self.has_image, self.photo_rows, len(self.photo_vectors))
+
+    def rows(self, selection) -> "ImageEmbeddings":
+        """The embeddings of some of the requested products (errors follow their product).
+
+        The photo vectors stay shared: an update to them (a tuned last block) reaches both.
+        """
         ids = self.product_ids[selection]
         wanted = set(ids.tolist())
-        return ImageEmbeddings(ids, self.vectors[selection], self.has_image[selection],
-                               [e for e in self.errors if e.product_id in wanted],
-                               None if self.top_inputs is None else self.top_inputs.subset(selection))
+        return dataclasses.replace(self, product_ids=ids, photo_rows=self.photo_rows[selection],
+                                   errors=[e for e in self.errors if e.product_id in wanted],
+                                   top_inputs=None if self.top_inputs is None else self.top_inputs.subset(selection))
+
+    def filled_from(self, mask: np.ndarray, other: "ImageEmbeddings") -> "ImageEmbeddings":
+        """These embeddings with ``other``'s (aligned with them, with image there) where ``mask``."""
+        needed, remap = np.unique(other.photo_rows[mask], return_inverse=True)
+        photo_rows = self.photo_rows.copy()
+        photo_rows[mask] = len(self.photo_vectors) + remap
+        top_inputs, photo_top = self.top_inputs, self.photo_top_inputs
+        if top_inputs is not None and other.top_inputs is not None:
+            top_inputs = top_inputs.filled_from(mask, other.top_inputs)
+            photo_top = photo_top.appended(other.photo_top_inputs.subset(needed))
+        return dataclasses.replace(self, photo_vectors=np.concatenate([self.photo_vectors, other.photo_vectors[needed]]),
+                                   photo_rows=photo_rows, top_inputs=top_inputs, photo_top_inputs=photo_top)
 
 
 def store_dir(cache_dir: Path, backbone: str, image_size: int, view: AugmentedView | None = None) -> Path:
@@ -342,11 +386,17 @@ def catalog_image_embeddings(
     shard, row = index.locate(digests)
     stored_reasons = index.rejections(shard, row)
     shard[stored_reasons != ""] = -1  # a rejected photo: no features
-    vectors = np.zeros((len(product_ids), IMAGE_EMBEDDING_DIM), dtype=np.float32)
-    stored_vectors = StoredRows(index.vectors, shard, row, (IMAGE_EMBEDDING_DIM,))
-    for start in range(0, len(product_ids), GATHER_CHUNK):
-        vectors[start:start + GATHER_CHUNK] = stored_vectors[start:start + GATHER_CHUNK]
     has_image = shard >= 0
+    # One row per distinct stored photo, however many products show it.
+    location = shard[has_image].astype(np.int64) << 40 | row[has_image]
+    unique, inverse = np.unique(location, return_inverse=True)
+    photo_shard, photo_row = (unique >> 40).astype(np.int32), unique & ((1 << 40) - 1)
+    photo_rows = np.full(len(product_ids), -1, dtype=np.int64)
+    photo_rows[has_image] = inverse
+    stored = StoredRows(index.vectors, photo_shard, photo_row, (IMAGE_EMBEDDING_DIM,))
+    photo_vectors = np.zeros((len(unique), IMAGE_EMBEDDING_DIM), dtype=np.float32)
+    for start in range(0, len(unique), GATHER_CHUNK):
+        photo_vectors[start:start + GATHER_CHUNK] = stored[start:start + GATHER_CHUNK]
     errors: list[RowError] = []
     for position in np.flatnonzero(~has_image):
         if not has_path[position]:
@@ -355,11 +405,12 @@ def catalog_image_embeddings(
         key = digests[position] if digests[position] != NO_DIGEST else int(position)
         reason = stored_reasons[position] or reasons.get(key, UNEXPECTED_FAILURE)
         errors.append(RowError(reason, int(product_ids[position]), str(image_paths[position]), stage="image"))
-    top_inputs = None
+    top_inputs = photo_top = None
     if with_top_inputs:
-        row_shape = index.top_inputs[0].shape[1:] if index.top_inputs else (0,)
-        top_inputs = StoredRows(index.top_inputs, shard, row, tuple(row_shape))
-    return ImageEmbeddings(product_ids, vectors, has_image, errors, top_inputs)
+        row_shape = tuple(index.top_inputs[0].shape[1:]) if index.top_inputs else (0,)
+        top_inputs = StoredRows(index.top_inputs, shard, row, row_shape)
+        photo_top = StoredRows(index.top_inputs, photo_shard, photo_row, row_shape)
+    return ImageEmbeddings(product_ids, photo_vectors, photo_rows, errors, top_inputs, photo_top)
 
 
 def _note_legacy_cache(cache_dir: Path) -> None:
@@ -373,14 +424,16 @@ def _note_legacy_cache(cache_dir: Path) -> None:
 
 
 def tuned_embeddings(backbone, embeddings: ImageEmbeddings, batch_size: int) -> None:
-    """Replace the frozen pooled vectors with a tuned last block's, computed from the stored activations."""
+    """Replace the frozen photo vectors with a tuned last block's, computed from the stored activations.
+
+    Once per distinct photo; products (and every ``rows`` of these embeddings) share the result.
+    """
     from fashion_tagging.backbones import backbone_top
 
-    if embeddings.top_inputs is None or not embeddings.has_image.any():
+    if embeddings.photo_top_inputs is None or not len(embeddings.photo_vectors):
         return
     top = backbone_top(backbone)
-    rows = np.flatnonzero(embeddings.has_image)
-    for start in range(0, len(rows), 1024):
-        chunk = rows[start:start + 1024]
-        embeddings.vectors[chunk] = np.asarray(
-            top.predict_on_batch(embeddings.top_inputs[chunk].astype(np.float32)), dtype=np.float32)
+    for start in range(0, len(embeddings.photo_vectors), 1024):
+        chunk = slice(start, start + 1024)
+        embeddings.photo_vectors[chunk] = np.asarray(
+            top.predict_on_batch(embeddings.photo_top_inputs[chunk].astype(np.float32)), dtype=np.float32)

@@ -168,13 +168,27 @@ def _trim_padding(inputs, labels, weights):
     return {**inputs, "tokens": tokens[:, :tf.maximum(keep, 1)]}, labels, weights
 
 
-def make_dataset(inputs: dict, labels: dict, *, batch_size: int, training: bool, seed: int) -> tf.data.Dataset:
+def make_dataset(inputs: dict, labels: dict, *, batch_size: int, training: bool, seed: int,
+                 tables: dict[str, np.ndarray] | None = None) -> tf.data.Dataset:
     """Batched (inputs, targets, sample weights), shuffled with modality dropout when training.
+
+    ``tables``: input name -> a table whose rows the products share; the inputs then hold each
+    product's row (``<name>_row``), looked up per product as the data streams.
 
     Training batches group texts of similar length (buckets ``TEXT_BUCKET_WIDTH`` tokens wide)
     so trimming their padding shortens the LSTM: 45 % of catalog texts are under 100 tokens.
     """
     dataset = labelled_slices(inputs, labels, training=training, seed=seed)
+    if tables:
+        constants = {name: tf.constant(table) for name, table in tables.items()}
+
+        def look_up(x, y, w):
+            x = dict(x)
+            for name, table in constants.items():
+                x[name] = tf.gather(table, x.pop(f"{name}_row"))
+            return x, y, w
+
+        dataset = dataset.map(look_up, num_parallel_calls=tf.data.AUTOTUNE)
     if training:
         dataset = dataset.map(lambda x, y, w: _modality_dropout(x, y, w, seed), num_parallel_calls=tf.data.AUTOTUNE)
         boundaries = list(range(TEXT_BUCKET_WIDTH + 1, int(inputs["tokens"].shape[1]) + 1, TEXT_BUCKET_WIDTH))
@@ -221,10 +235,17 @@ def fit_heads(train_rows: pd.DataFrame, min_class_count: int) -> tuple[dict[str,
     return label_maps, left_out
 
 
-def encode_products(products: pd.DataFrame, text: TextEncoder, embeddings) -> dict:
-    """Model inputs for a frame of products (aligned with the embeddings' product ids)."""
+def gathered_inputs(products: pd.DataFrame, text: TextEncoder, embeddings) -> tuple[dict, dict]:
+    """Model inputs for a frame of products (aligned with the embeddings' product ids), and their tables.
+
+    The image embedding is not copied per product: each product carries its photo's row
+    (``image_embedding_row``) and ``make_dataset`` gathers the rows of each batch from the table,
+    so products sharing a photo share its vector.
+    """
     has_text = products["text"].fillna("").str.strip().ne("").to_numpy()
-    return model_inputs(embeddings.vectors, embeddings.has_image, text.encode(products["text"].tolist()), has_text)
+    inputs = model_inputs(None, embeddings.has_image, text.encode(products["text"].tolist()), has_text)
+    table, inputs["image_embedding_row"] = embeddings.gather_table()
+    return inputs, {"image_embedding": table}
 
 
 def title_lengths(products: pd.DataFrame, text: TextEncoder) -> np.ndarray:
@@ -248,11 +269,8 @@ def augmented_views(settings: Settings, rows: pd.DataFrame, embeddings, *, with_
                                         image_size=settings.image_size, cache_dir=settings.cache_dir,
                                         batch_size=settings.inference_batch_size, progress=progress,
                                         with_top_inputs=with_top_inputs, view=AugmentedView(index, settings.seed))
-        missing = embeddings.has_image & ~view.has_image
-        view.vectors[missing] = embeddings.vectors[missing]
-        if with_top_inputs:
-            view.top_inputs = view.top_inputs.filled_from(missing, embeddings.top_inputs)
-        view.has_image = embeddings.has_image.copy()
+        view = view.filled_from(embeddings.has_image & ~view.has_image, embeddings)
+        view.photo_rows[~embeddings.has_image] = -1  # (a copy) exactly the photos' products have a view
         views.append(view)
     return views
 
@@ -316,28 +334,30 @@ def train(
             train_embeddings.top_inputs.subset(with_image), {h: v[with_image] for h, v in head_labels.items()},
             val_embeddings.top_inputs.subset(val_with_image),
             {h: v[val_with_image] for h, v in val_head_labels.items()},
-            train_pooled=train_embeddings.vectors[with_image], val_pooled=val_embeddings.vectors[val_with_image],
+            train_pooled=train_embeddings.rows(with_image), val_pooled=val_embeddings.rows(val_with_image),
             train_views=[view.top_inputs.subset(with_image) for view in train_views], progress=progress)
         tuned_embeddings(backbone, embeddings, settings.inference_batch_size)  # train/val rows are views
         for view in train_views:
             tuned_embeddings(backbone, view, settings.inference_batch_size)
-            view.top_inputs = None
+            view.top_inputs = view.photo_top_inputs = None
         top_seconds = time.perf_counter() - t0
     elif mode == "top":
         mode = "none"  # nothing to tune on: no photos in one of the splits
-    embeddings.top_inputs = None  # stage 2 needs only the pooled vectors
-    train_embeddings.top_inputs = val_embeddings.top_inputs = None
+    for split_embeddings in (embeddings, train_embeddings, val_embeddings):  # stage 2 needs the pooled vectors
+        split_embeddings.top_inputs = split_embeddings.photo_top_inputs = None
 
     train_labels = with_auxiliary_labels(head_labels)
     val_labels = with_auxiliary_labels(val_head_labels)
-    train_inputs = encode_products(train_rows, text, train_embeddings)
+    train_inputs, train_tables = gathered_inputs(train_rows, text, train_embeddings)
     train_inputs["title_length"] = title_lengths(train_rows, text)
-    if train_views:  # stage 2 sees the first view (one more copy of the pooled vectors per view is not worth it)
-        train_inputs["augmented_image_embedding"] = train_views[0].vectors.astype(np.float32)
+    if train_views:  # stage 2 sees the first view (one more table of the pooled vectors per view is not worth it)
+        train_tables["augmented_image_embedding"], train_inputs["augmented_image_embedding_row"] = \
+            train_views[0].gather_table()
     train_data = make_dataset(train_inputs, train_labels, batch_size=settings.batch_size, training=True,
-                              seed=settings.seed)
-    val_data = make_dataset(encode_products(val_rows, text, val_embeddings), val_labels,
-                            batch_size=settings.inference_batch_size, training=False, seed=settings.seed)
+                              seed=settings.seed, tables=train_tables)
+    val_inputs, val_tables = gathered_inputs(val_rows, text, val_embeddings)
+    val_data = make_dataset(val_inputs, val_labels, batch_size=settings.inference_batch_size, training=False,
+                            seed=settings.seed, tables=val_tables)
 
     model = build_head_model({h: len(m) for h, m in label_maps.items()}, vocabulary_size=len(text.vocabulary))
     # Keras wants a target for every output: train a view without the (loss-free) embedding output.
@@ -539,21 +559,23 @@ def _top_dataset(top_inputs: np.ndarray, labels: dict, *, batch_size: int, train
     return dataset.batch(batch_size).map(prepare, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
 
-def _vector_dataset(vectors: np.ndarray, labels: dict, *, batch_size: int, training: bool, seed: int):
-    """(pooled embeddings, labels, weights) for the stage-1 warm-up."""
-    dataset = labelled_slices(np.asarray(vectors, dtype=np.float32), labels, training=training, seed=seed)
-    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+def _vector_dataset(embeddings, labels: dict, *, batch_size: int, training: bool, seed: int):
+    """(pooled embeddings, labels, weights) for the stage-1 warm-up, gathered per batch from the photo table."""
+    table, rows = embeddings.gather_table()
+    table = tf.constant(table)
+    dataset = labelled_slices(rows, labels, training=training, seed=seed).batch(batch_size)
+    return dataset.map(lambda r, y, w: (tf.gather(table, r), y, w)).prefetch(tf.data.AUTOTUNE)
 
 
 def tune_backbone_top(settings: Settings, backbone: keras.Model, label_maps: dict, train_top: np.ndarray,
-                      train_labels: dict, val_top: np.ndarray, val_labels: dict, *, train_pooled: np.ndarray,
-                      val_pooled: np.ndarray, progress: bool, train_views: list[np.ndarray] = ()) -> dict:
+                      train_labels: dict, val_top: np.ndarray, val_labels: dict, *, train_pooled,
+                      val_pooled, progress: bool, train_views: list[np.ndarray] = ()) -> dict:
     """Stage 1 of "top" fine-tuning: adapt the backbone's last block to product photos, image alone.
 
     Frozen ImageNet features leave image-only articleType at ~0.83; training the last block on
     every head (BatchNorm frozen) adapts them to catalog photos. The new heads get one warm-up
     epoch with the block frozen so their random gradients never reach the pretrained weights.
-    With the block frozen its pooled output is the cached embedding (``*_pooled``), so the
+    With the block frozen its pooled output is the stored photo vector (``*_pooled``), so the
     warm-up trains on those and never runs the block. The fused head is trained afterwards on
     the adapted embeddings (stage 2, as without tuning). ``train_views``: the last-block inputs
     of the training photos' augmented views, sampled among with the photo's (see ``_top_dataset``).

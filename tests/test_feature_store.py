@@ -68,6 +68,7 @@ def test_a_photo_shared_by_many_products_is_embedded_once(tmp_path, mean_colour_
     assert embedded_photo_counts == [3]  # the shared photo, the other one, the unreadable file (for its reason)
     assert result.has_image.tolist() == [True] * 6 + [False, False]
     assert all(np.array_equal(result.vectors[0], result.vectors[i]) for i in range(1, 5))
+    assert len(result.photo_vectors) == 2  # held once per distinct photo
     reasons = {error.product_id: error.reason for error in result.errors}
     assert reasons[6] == "product has no image" and "cannot read file" in reasons[7]
 

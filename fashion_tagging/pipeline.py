@@ -250,10 +250,15 @@ def snapshot_training_data(settings: Settings) -> dict:
     Reviewers' values are the labels (``review.apply_review_labels``): they replace the catalog's
     label of their head, and a reviewed product without a split joins ``train``. The summary's
     ``review_labels`` says how many were used (and how many were corrections of the model).
+    Rows stream from a server-side cursor into a Parquet file ``SNAPSHOT_CHUNK_ROWS`` at a time,
+    which is uploaded as one object (multipart on S3): memory does not grow with the catalog.
     """
-    import io
+    import tempfile
+    from collections import Counter
 
     import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
     import sqlalchemy as sa
 
     from fashion_tagging.db.repository import PRODUCT_COLUMN_MAP
@@ -267,35 +272,66 @@ def snapshot_training_data(settings: Settings) -> dict:
     columns = [products.c[name].label(alias) for alias, name in PRODUCT_COLUMN_MAP.items() if alias != "source"]
     labelled = sa.or_(products.c.split.is_not(None), reviewed_products_clause(products.c.product_id))
     query = sa.select(*columns).where(labelled, products.c.deleted_at.is_(None)).order_by(products.c.product_id)
-    with engine.connect() as conn:
-        frame = pd.read_sql(query, conn)
-        frame, review_labels = apply_review_labels(conn, frame)
-    if frame.empty:
-        raise ValueError("no labelled products in the catalog database: ingest the reference catalog first")
+    # One schema for every chunk (a chunk whose column is all NULL would otherwise infer another).
+    schema = pa.schema([(column.name, pa.int64() if column.name == "id" else pa.float64() if column.name == "year"
+                         else pa.string()) for column in columns])
     key = f"{SNAPSHOTS_PREFIX}{snapshot_id}.parquet"
-    buffer = io.BytesIO()
-    frame.to_parquet(buffer, index=False)
-    open_configured_store(settings).put(key, buffer.getvalue())
-    splits = {str(k): int(v) for k, v in frame["split"].value_counts().items()}
-    log.info("snapshot %s: %d labelled products %s", key, len(frame), splits)
+    splits, review_labels, rows = Counter(), {}, 0
+    with tempfile.TemporaryDirectory(prefix="ft-snapshot-") as tmp:
+        path = Path(tmp) / "snapshot.parquet"
+        with engine.connect() as conn, engine.connect() as reviews_conn, pq.ParquetWriter(path, schema) as writer:
+            chunks = pd.read_sql(query, conn.execution_options(stream_results=True), chunksize=SNAPSHOT_CHUNK_ROWS)
+            for chunk in chunks:
+                chunk, chunk_review_labels = apply_review_labels(reviews_conn, chunk)
+                review_labels = merge_review_summaries(review_labels, chunk_review_labels)
+                splits.update(str(split) for split in chunk["split"].dropna())
+                rows += len(chunk)
+                writer.write_table(pa.Table.from_pandas(chunk, schema=schema, preserve_index=False))
+        if not rows:
+            raise ValueError("no labelled products in the catalog database: ingest the reference catalog first")
+        open_configured_store(settings).put_file(key, path)
+    splits = dict(sorted(splits.items()))
+    log.info("snapshot %s: %d labelled products %s", key, rows, splits)
     log.info("snapshot %s: %d reviewed labels used as training labels (%d corrections of the model, "
              "%d changed the catalog's label, %d reviewed products added to train)", key, review_labels["labels"],
              review_labels["corrections"], review_labels["changed_labels"], review_labels["added_to_train"])
-    return {"snapshot_key": key, "products": len(frame), "splits": splits, "ingested": ingested,
+    return {"snapshot_key": key, "products": rows, "splits": splits, "ingested": ingested,
             REVIEW_LABELS_KEY: review_labels}
 
 
-def load_snapshot(settings: Settings, snapshot: dict, splits: tuple[str, ...]):
-    """The snapshot's rows in ``splits`` as the catalog frame train/evaluate expect, with local image files."""
-    import io
+SNAPSHOT_CHUNK_ROWS = 50_000
 
+
+def merge_review_summaries(total: dict, chunk: dict) -> dict:
+    """Add one chunk's ``apply_review_labels`` summary to the snapshot's (each product is in one chunk)."""
+    if not total:
+        return chunk
+    merged = {key: total[key] + chunk[key] for key in total if key != "by_head"}
+    merged["by_head"] = {head: dict(counts) for head, counts in total["by_head"].items()}
+    for head, counts in chunk["by_head"].items():
+        into = merged["by_head"].setdefault(head, {"labels": 0, "corrections": 0})
+        for name, value in counts.items():
+            into[name] = into.get(name, 0) + value
+    return merged
+
+
+def load_snapshot(settings: Settings, snapshot: dict, splits: tuple[str, ...]):
+    """The snapshot's rows in ``splits`` as the catalog frame train/evaluate expect, with local image files.
+
+    The object is spooled to a temporary file and read a row group at a time, keeping only ``splits``.
+    """
     import pandas as pd
+    import pyarrow.parquet as pq
 
     from fashion_tagging.catalog import clean_html, product_text, with_clean_labels
     from fashion_tagging.objectstore import open_configured_store
 
-    frame = pd.read_parquet(io.BytesIO(open_configured_store(settings).get(snapshot["snapshot_key"])))
-    frame = with_clean_labels(frame[frame["split"].isin(splits)].reset_index(drop=True))
+    parts = []
+    with open_configured_store(settings).open(snapshot["snapshot_key"]) as handle:
+        for batch in pq.ParquetFile(handle).iter_batches(batch_size=SNAPSHOT_CHUNK_ROWS):
+            part = batch.to_pandas()
+            parts.append(part[part["split"].isin(splits)])
+    frame = with_clean_labels(pd.concat(parts, ignore_index=True))
     frame["description"] = frame["description"].map(clean_html)
     frame["text"] = [product_text(t, d) for t, d in zip(frame["productDisplayName"], frame["description"], strict=True)]
     frame["image_path"] = materialize_images(settings, frame)

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import sqlalchemy as sa
 
@@ -172,8 +173,9 @@ def test_retagging_never_replaces_a_reviewed_value_and_readers_show_it(seeded):
     assert {p["product_id"]: p["label"] for p in low}[product_id] == "Reviewed Label"
 
 
-def test_snapshot_trains_on_reviewed_values(seeded, tmp_path):
+def test_snapshot_trains_on_reviewed_values(seeded, tmp_path, monkeypatch):
     engine, version, products = seeded.engine, seeded.version, seeded.products
+    monkeypatch.setattr(pipeline, "SNAPSHOT_CHUNK_ROWS", 40)  # streamed in several chunks, summaries merged
     corrected_id = int(products.loc[products["split"] == "train", "id"].iloc[-1])
     accepted_id = int(products.loc[products["split"] == "test", "id"].iloc[-1])
     arrival_id = 10**9 + 7  # a new arrival: no split, no catalog labels
@@ -193,7 +195,9 @@ def test_snapshot_trains_on_reviewed_values(seeded, tmp_path):
     assert (used["labels"], used["corrections"], used["products"]) == tuple(expected)
     assert used["added_to_train"] == 1 and used["by_head"]["season"] == {"labels": 1, "corrections": 0}
     assert used["corrections"] >= 2 and used["changed_labels"] >= 2
-    frame = pd.read_parquet(io.BytesIO(open_configured_store(settings).get(summary["snapshot_key"]))).set_index("id")
+    data = open_configured_store(settings).get(summary["snapshot_key"])
+    assert pq.ParquetFile(io.BytesIO(data)).num_row_groups == -(-summary["products"] // 40)
+    frame = pd.read_parquet(io.BytesIO(data)).set_index("id")
     assert frame.loc[corrected_id, PRIMARY_HEAD] == "Snapshot Label"
     assert frame.loc[accepted_id, "split"] == "test"
     assert frame.loc[arrival_id, ["split", PRIMARY_HEAD, "baseColour"]].tolist() == ["train", "Jackets", "Blue"]

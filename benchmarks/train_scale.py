@@ -85,6 +85,8 @@ def child(args) -> int:
     text_expert.EPOCHS = args.epochs  # one epoch per stage, the text expert included
     started = time.perf_counter()
     products = load_kaggle_catalog(settings.data_dir).products
+    if args.base:
+        products = products.sample(args.base, random_state=0)
     frame = scaled_catalog(products, args.child, Path(args.home) / "replica-photos", args.new_products)
     catalog_seconds = time.perf_counter() - started
     result = train(settings, products=frame, epochs=args.epochs, progress=False)
@@ -97,9 +99,9 @@ def child(args) -> int:
     return 0
 
 
-def run_child(home: str, size: int, epochs: int, new_products: int = 0) -> dict:
+def run_child(home: str, size: int, epochs: int, new_products: int = 0, base: int | None = None) -> dict:
     command = [sys.executable, __file__, "--child", str(size), "--home", home, "--epochs", str(epochs),
-               "--new-products", str(new_products)]
+               "--new-products", str(new_products), *(["--base", str(base)] if base else [])]
     log_path = Path(home) / f"train_scale_{size}_{new_products}.log"
     Path(home).mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -124,6 +126,7 @@ def main() -> int:
     parser.add_argument("--new-products", type=int, default=0,
                         help="then a run on the real catalog plus this many products with never-seen photos")
     parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--base", type=int, help="replicate a random sample of this many real products (a smoke run)")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -131,9 +134,10 @@ def main() -> int:
 
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     runs = results.setdefault("runs", {})
-    plan = [(size, 0) for size in args.sizes] + ([(44441, args.new_products)] if args.new_products else [])
+    real = args.base or 44441
+    plan = [(size, 0) for size in args.sizes] + ([(real, args.new_products)] if args.new_products else [])
     for size, new in plan:
-        run = run_child(args.home, size, args.epochs, new)
+        run = run_child(args.home, size, args.epochs, new, args.base)
         runs[f"{size}+{new}" if new else str(size)] = run
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(json.dumps(results, indent=1))

@@ -327,7 +327,7 @@ def embed_image_files(paths: list[str], backbone, image_size: int, batch_size: i
 def catalog_image_embeddings(
     product_ids, image_paths, *, backbone_name: str, image_size: int, cache_dir: Path,
     batch_size: int = 64, progress: bool = True, backbone=None, with_top_inputs: bool = False,
-    view: AugmentedView | None = None,
+    view: AugmentedView | None = None, digests: np.ndarray | None = None,
 ) -> ImageEmbeddings:
     """Embeddings for these products, from the feature store where present, embedding (and storing) the rest.
 
@@ -335,7 +335,7 @@ def catalog_image_embeddings(
     ``with_top_inputs`` also returns the last block's input activations (on disk, gathered on
     demand); a photo stored without them is embedded again once. A store that has them keeps
     them for every photo it adds. ``view``: that augmented view of the photos (training), in a
-    store of its own.
+    store of its own. ``digests``: the photos' :func:`photo_file_digests`, when already read.
     """
     product_ids = np.asarray(product_ids, dtype=np.int64)
     image_paths = list(image_paths)
@@ -344,7 +344,7 @@ def catalog_image_embeddings(
     store = FeatureStore(store_dir(cache_dir, backbone_name, image_size, view))
     _note_legacy_cache(Path(cache_dir))
     has_path = np.array([isinstance(p, str) and bool(p) for p in image_paths], dtype=bool)
-    digests = photo_file_digests(image_paths)
+    digests = photo_file_digests(image_paths) if digests is None else np.asarray(digests, dtype=DIGEST_DTYPE)
     shard, _ = store.index(with_top_inputs=with_top_inputs).locate(digests)
     missing = np.flatnonzero(has_path & (shard < 0))
     # One embedding per distinct photo; an unreadable file (no digest) on its own, for its reason.

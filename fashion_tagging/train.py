@@ -30,7 +30,7 @@ from fashion_tagging.artifacts import save_artifact
 from fashion_tagging.augment import AugmentedView
 from fashion_tagging.catalog import load_kaggle_catalog, with_clean_labels
 from fashion_tagging.images import photo_tensors
-from fashion_tagging.features import catalog_image_embeddings, tuned_embeddings
+from fashion_tagging.features import catalog_image_embeddings, photo_file_digests, tuned_embeddings
 from fashion_tagging.progress import epoch_logger
 from fashion_tagging.model import (AUXILIARY_HEADS, BLEND_SITUATIONS, MODES, OTHER_LABEL, LabelMap, TextEncoder,
                                    build_head_model, choose_blend, compile_head_model, modality_view, model_inputs)
@@ -253,11 +253,13 @@ def title_lengths(products: pd.DataFrame, text: TextEncoder) -> np.ndarray:
     if "productDisplayName" not in products:
         return np.zeros(len(products), dtype=np.int64)
     titles = [t if isinstance(t, str) else "" for t in products["productDisplayName"]]
-    return (text.encode(titles) > 0).sum(axis=1).astype(np.int64) * np.array([bool(t.strip()) for t in titles])
+    lengths = np.concatenate([(text.encode(titles[start:start + 65536]) > 0).sum(axis=1)  # a chunk's tokens at a time
+                              for start in range(0, len(titles), 65536)] or [np.zeros(0)]).astype(np.int64)
+    return lengths * np.array([bool(t.strip()) for t in titles], dtype=np.int64)
 
 
 def augmented_views(settings: Settings, rows: pd.DataFrame, embeddings, *, with_top_inputs: bool,
-                    progress: bool) -> list:
+                    progress: bool, digests: np.ndarray | None = None) -> list:
     """``settings.augmented_views`` augmented views of the rows' photos, from the cache where present.
 
     A view whose photo could not be decoded falls back to the photo's own embedding, so every
@@ -268,7 +270,8 @@ def augmented_views(settings: Settings, rows: pd.DataFrame, embeddings, *, with_
         view = catalog_image_embeddings(rows["id"], rows["image_path"].tolist(), backbone_name=settings.backbone,
                                         image_size=settings.image_size, cache_dir=settings.cache_dir,
                                         batch_size=settings.inference_batch_size, progress=progress,
-                                        with_top_inputs=with_top_inputs, view=AugmentedView(index, settings.seed))
+                                        with_top_inputs=with_top_inputs, view=AugmentedView(index, settings.seed),
+                                        digests=digests)
         view = view.filled_from(embeddings.has_image & ~view.has_image, embeddings)
         view.photo_rows[~embeddings.has_image] = -1  # (a copy) exactly the photos' products have a view
         views.append(view)
@@ -308,8 +311,9 @@ def train(
                  batch_size=settings.inference_batch_size, progress=progress)
     # One pass for both splits: the cache is read, the backbone built and the cache rewritten once.
     both = pd.concat([train_rows, val_rows], ignore_index=True)
+    digests = photo_file_digests(both["image_path"].tolist())  # read once: the views are of the same files
     embeddings = catalog_image_embeddings(both["id"], both["image_path"].tolist(), **embed,
-                                          with_top_inputs=mode == "top")
+                                          with_top_inputs=mode == "top", digests=digests)
     train_embeddings = embeddings.rows(slice(0, len(train_rows)))
     val_embeddings = embeddings.rows(slice(len(train_rows), None))
     embedding_seconds = time.perf_counter() - t0
@@ -317,7 +321,7 @@ def train(
     train_views = []  # augmented views of the training photos (none after "full": it augments pixels itself)
     if mode != "full" and train_embeddings.has_image.any():
         train_views = augmented_views(settings, train_rows, train_embeddings, with_top_inputs=mode == "top",
-                                      progress=progress)
+                                      progress=progress, digests=digests[:len(train_rows)])
     augmentation_seconds = time.perf_counter() - t0
 
     head_labels = {head: label_maps[head].encode(train_rows[head]) for head in heads}

@@ -260,7 +260,7 @@ def title_lengths(products: pd.DataFrame, text: TextEncoder) -> np.ndarray:
 
 def augmented_views(settings: Settings, rows: pd.DataFrame, embeddings, *, with_top_inputs: bool,
                     progress: bool, digests: np.ndarray | None = None) -> list:
-    """``settings.augmented_views`` augmented views of the rows' photos, from the cache where present.
+    """``settings.augmented_views`` augmented views of the rows' photos, from the feature store where present.
 
     A view whose photo could not be decoded falls back to the photo's own embedding, so every
     view is aligned with (and as complete as) ``embeddings``.
@@ -309,7 +309,7 @@ def train(
     t0 = time.perf_counter()
     embed = dict(backbone_name=settings.backbone, image_size=settings.image_size, cache_dir=settings.cache_dir,
                  batch_size=settings.inference_batch_size, progress=progress)
-    # One pass for both splits: the cache is read, the backbone built and the cache rewritten once.
+    # One pass for both splits: the feature store is indexed and the backbone built once.
     both = pd.concat([train_rows, val_rows], ignore_index=True)
     digests = photo_file_digests(both["image_path"].tolist())  # read once: the views are of the same files
     embeddings = catalog_image_embeddings(both["id"], both["image_path"].tolist(), **embed,

@@ -127,20 +127,24 @@ def main() -> int:
                         help="then a run on the real catalog plus this many products with never-seen photos")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--base", type=int, help="replicate a random sample of this many real products (a smoke run)")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="JSON the runs are merged into")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child(args)
 
-    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
-    runs = results.setdefault("runs", {})
+    runs = {}
     real = args.base or 44441
     plan = [(size, 0) for size in args.sizes] + ([(real, args.new_products)] if args.new_products else [])
     for size, new in plan:
         run = run_child(args.home, size, args.epochs, new, args.base)
-        runs[f"{size}+{new}" if new else str(size)] = run
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(results, indent=1))
+        name = f"{size}+{new}" if new else str(size)
+        runs[name] = run
+        # Re-read before writing: another invocation may have added runs meanwhile.
+        results = json.loads(args.results.read_text()) if args.results.is_file() else {}
+        results.setdefault("runs", {})[name] = run
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+        args.results.write_text(json.dumps(results, indent=1))
         print(f"{run['products']} products: {run['wall_seconds'] / 60:.1f} min, peak RSS "
               f"{run['peak_rss_mib'] / 1024:.2f} GiB, photos embedded {run['photos_embedded']}", flush=True)
 

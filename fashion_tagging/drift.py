@@ -90,7 +90,13 @@ def measure(run_id: str, model_version: str, counts: list[tuple[str, int, int]],
         "confidence_psi": round(population_stability_index(run_confidence, ref_confidence), 6)
         if ref_confidence.sum() else None,
     }
-    worst = max(v for v in (figures["category_js"], figures["confidence_js"]) if v is not None)
+    # A confidence reference from fewer val products than a judged run is noise, not a distribution:
+    # measured, not judged (calibration files without the count are judged, as before).
+    reference_products = reference.get("val_products")
+    judged = [figures["category_js"]]
+    if figures["confidence_js"] is not None and (reference_products is None or reference_products >= min_products):
+        judged.append(figures["confidence_js"])
+    worst = max(judged)
     enough = products >= min_products
     alert = bool(enough and worst > threshold)
     shifts = sorted(zip(buckets, run_shares.tolist(), ref_shares.tolist(), strict=True),

@@ -184,7 +184,8 @@ class Settings(BaseSettings):
         0.1, gt=0, le=1,
         description="Drift alert: a tagging run whose predicted articleType distribution (top 20 training "
                     "categories + the rest) or articleType confidence histogram is further than this Jensen-Shannon "
-                    "divergence (base 2) from the model's training distribution raises an alert.")
+                    "divergence (base 2) from the model's training distribution raises an alert (the histogram "
+                    "only when its val reference holds at least FT_DRIFT_MIN_PRODUCTS products).")
     drift_min_products: int = Field(
         100, ge=1,
         description="Drift alert: runs that tagged fewer products are measured but never alert (too few to tell "

@@ -175,3 +175,15 @@ def test_the_alert_calls_the_configured_callback(monkeypatch, caplog):
     assert received == [report] and "DRIFT ALERT run shift" in caplog.text
     drift.raise_alert(report, "no_such_module:hook")  # a broken hook is logged, never raised
     assert "callback 'no_such_module:hook' failed" in caplog.text
+
+
+def test_a_confidence_reference_from_too_few_val_products_is_measured_not_judged():
+    """A tiny val split's confidence histogram is noise: only the category shares can alert then."""
+    counts = run_counts(["type-0"] * 60 + ["type-1"] * 40 + ["type-2"] * 30 + ["type-3"] * 20 + ["type-4"] * 20
+                        + ["type-5"] * 10 + ["type-6"] * 10 + ["type-7"] * 10)
+    odd_confidences = [(label, 1, n) for label, _, n in counts]  # every product in the lowest bin
+    few = {**reference(SHARES), "val_products": 30}
+    report = drift.measure("tiny-val", "v", odd_confidences, few, threshold=0.1, min_products=100)
+    assert report["confidence_js"] > 0.5 and report["category_js"] < 0.02 and report["alert"] is False
+    enough = {**reference(SHARES), "val_products": 4000}
+    assert drift.measure("val", "v", odd_confidences, enough, threshold=0.1, min_products=100)["alert"] is True

@@ -339,6 +339,7 @@ def load_snapshot(settings: Settings, snapshot: dict, splits: tuple[str, ...]):
 
 
 PHOTO_LEDGER_FILE = ".fingerprints.parquet"  # object key -> store fingerprint of the local copy
+PHOTO_FETCH_CHUNK = 2000
 
 
 def materialize_images(settings: Settings, frame) -> list:
@@ -378,17 +379,19 @@ def materialize_images(settings: Settings, frame) -> list:
             current[key] = fingerprint
     if to_fetch:
         log.info("downloading %d product photos (%d local copies current)", len(to_fetch), len(current) - len(to_fetch))
-        for key, data in store.get_many(to_fetch).items():
-            path = to_fetch[key]
-            if isinstance(data, Exception):
-                log.warning("image %s unavailable: %s", key, data)  # embedding step records it per product
-                path.unlink(missing_ok=True)  # a stale copy must not stand in for it
-                ledger.pop(key, None)
-                continue
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_file_atomically(path, data)
-            if current[key] is not None:
-                ledger[key] = current[key]
+        pending = list(to_fetch)
+        for start in range(0, len(pending), PHOTO_FETCH_CHUNK):  # a chunk's bytes in memory at a time
+            for key, data in store.get_many(pending[start:start + PHOTO_FETCH_CHUNK]).items():
+                path = to_fetch[key]
+                if isinstance(data, Exception):
+                    log.warning("image %s unavailable: %s", key, data)  # embedding step records it per product
+                    path.unlink(missing_ok=True)  # a stale copy must not stand in for it
+                    ledger.pop(key, None)
+                    continue
+                path.parent.mkdir(parents=True, exist_ok=True)
+                write_file_atomically(path, data)
+                if current[key] is not None:
+                    ledger[key] = current[key]
         write_photo_ledger(image_dir, ledger)
     return paths
 

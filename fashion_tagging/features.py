@@ -345,7 +345,8 @@ def catalog_image_embeddings(
     _note_legacy_cache(Path(cache_dir))
     has_path = np.array([isinstance(p, str) and bool(p) for p in image_paths], dtype=bool)
     digests = photo_file_digests(image_paths) if digests is None else np.asarray(digests, dtype=DIGEST_DTYPE)
-    shard, _ = store.index(with_top_inputs=with_top_inputs).locate(digests)
+    index = store.index(with_top_inputs=with_top_inputs)
+    shard, _ = index.locate(digests)
     missing = np.flatnonzero(has_path & (shard < 0))
     # One embedding per distinct photo; an unreadable file (no digest) on its own, for its reason.
     readable = missing[digests[missing] != NO_DIGEST]
@@ -382,7 +383,8 @@ def catalog_image_embeddings(
             log.warning("%d of %d photos not usable (left image-less): %s", len(reasons), len(todo),
                         "; ".join(f"{count} x {reason}" for reason, count in why.most_common(5)))
 
-    index = store.index(with_top_inputs=with_top_inputs)
+    if len(todo):  # new shards: index the store again
+        index = store.index(with_top_inputs=with_top_inputs)
     shard, row = index.locate(digests)
     stored_reasons = index.rejections(shard, row)
     shard[stored_reasons != ""] = -1  # a rejected photo: no features

@@ -65,6 +65,8 @@ def main() -> int:
         "best_val_image_only_article_type_accuracy": config.get("best_val_image_only_article_type_accuracy"),
         "primary_blend": config.get("primary_blend"), "primary_blend_val": config.get("primary_blend_val"),
         "evaluate_seconds": summary["evaluate_seconds"], "peak_rss_mib": round(peak_mib, 1),
+        # the training's peak RSS after each of its stages (the stage that raised it is where memory goes)
+        "train_peak_rss_mib_after": summary.get("train_peak_rss_mib_after"),
         "test_products": metrics["products"], "baseline": metrics["baseline"],
         "article_type": {mode: {k: modes[mode]["articleType"][k] for k in ("accuracy", "macro_f1")} for mode in modes},
         "other_heads_fused": {h: modes["fused"][h]["accuracy"] for h in modes["fused"] if h != "articleType"},
@@ -83,6 +85,7 @@ def main() -> int:
           f"{config['timings']['fit_seconds']:.0f} s ({config['timings'].get('backbone_top_seconds', 0):.0f} s) / "
           f"{summary['evaluate_seconds']:.0f} s |")
     print(f"| peak RSS | {peak_mib / 1024:.2f} GiB |")
+    print(f"| training's peak RSS after each stage (MiB) | {result['train_peak_rss_mib_after']} |")
     print(f"| photos embedded per pass | {embedded} |")
     print(f"| artifact size (caches in it) | {result['artifact_bytes'] / 2**20:.0f} MiB "
           f"({result['artifact_cache_files'] or 'none'}) |")

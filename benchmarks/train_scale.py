@@ -94,6 +94,7 @@ def child(args) -> int:
     caches = [str(p.relative_to(result.artifact_dir)) for p in result.artifact_dir.rglob("*")
               if p.suffix in (".npz", ".npy") or "cache" in p.parts]
     print(json.dumps({"products": len(frame), "version": result.version, "timings": result.timings,
+                      "peak_rss_mib_after": result.peak_rss_mib_after,
                       "catalog_seconds": round(catalog_seconds, 1), "artifact_bytes": artifact_bytes,
                       "artifact_cache_files": caches}))
     return 0

@@ -57,7 +57,8 @@ def cmd_train(args) -> int:
         summary = {"version": result.version, "train_seconds": result.timings["train_seconds"],
                    "evaluate_seconds": report["resources"]["evaluate_seconds"],
                    "total_seconds": round(time.perf_counter() - started, 1),
-                   "peak_rss_mib": report["resources"]["peak_rss_mib"]}
+                   "peak_rss_mib": report["resources"]["peak_rss_mib"],
+                   "train_peak_rss_mib_after": result.peak_rss_mib_after}
         print(json.dumps(summary))
     return 0
 

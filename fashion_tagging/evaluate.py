@@ -12,7 +12,6 @@ with or without an image, so figures stay comparable with published ones.
 from __future__ import annotations
 
 import json
-import resource
 import time
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from fashion_tagging.calibration import calibration_report
 from fashion_tagging.catalog import load_kaggle_catalog, with_clean_labels
 from fashion_tagging.features import catalog_image_embeddings, tuned_embeddings
 from fashion_tagging.model import MODES, modality_view
+from fashion_tagging.progress import peak_rss_mib
 from fashion_tagging.settings import PRIMARY_HEAD, Settings
 
 WEAK_SPOTS = 10
@@ -112,13 +112,6 @@ def markdown_report(report: dict) -> str:
 
 def _fmt(value, digits: int = 4) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
-
-
-def peak_rss_mib() -> float:
-    """Peak resident memory of this process (and finished children), in MiB."""
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return max(own, children) / 1024
 
 
 def split_embeddings(tagger: Tagger, artifact_dir: Path, rows: pd.DataFrame, settings: Settings, *,

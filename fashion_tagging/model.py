@@ -60,6 +60,17 @@ class LabelMap:
         return len(self.labels)
 
 
+ENCODE_CHUNK = 16_384  # texts per step: a whole catalog's texts as one string tensor would be a copy of them all
+
+
+def text_chunks(texts: list[str], size: int = 2048) -> tf.data.Dataset:
+    """The texts as a dataset of ``size``-text batches read from the list as it streams (for ``adapt``):
+    ``from_tensor_slices`` would first copy every text into one tensor."""
+    return tf.data.Dataset.from_generator(
+        lambda: (texts[start:start + size] for start in range(0, len(texts), size)),
+        output_signature=tf.TensorSpec((None,), tf.string))
+
+
 class TextEncoder:
     """Lower-cased word tokens -> fixed-length int ids; the vocabulary is fitted on train only."""
 
@@ -74,7 +85,7 @@ class TextEncoder:
     @classmethod
     def fit(cls, texts, sequence_length: int, max_tokens: int) -> "TextEncoder":
         encoder = cls(None, sequence_length, max_tokens)
-        encoder.layer.adapt(tf.data.Dataset.from_tensor_slices(list(texts)).batch(2048))
+        encoder.layer.adapt(text_chunks(list(texts)))
         return encoder
 
     @property
@@ -85,7 +96,8 @@ class TextEncoder:
         texts = [t if isinstance(t, str) else "" for t in texts]
         if not texts:
             return np.zeros((0, self.sequence_length), dtype=np.int64)
-        tokens = self.layer(tf.constant(texts)).numpy().astype(np.int64)
+        tokens = np.concatenate([self.layer(tf.constant(texts[start:start + ENCODE_CHUNK])).numpy().astype(np.int64)
+                                 for start in range(0, len(texts), ENCODE_CHUNK)])
         tokens[tokens[:, 0] == 0, 0] = EMPTY_TEXT_TOKEN
         return tokens
 

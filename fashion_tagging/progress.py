@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import re
+import resource
 import time
 from collections.abc import Callable
 
@@ -26,6 +27,13 @@ def format_seconds(seconds: float) -> str:
     if seconds < 3600:
         return f"{seconds // 60}m{seconds % 60:02d}s"
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process (and finished children), in MiB."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return max(own, children) / 1024
 
 
 class ProgressLogger:

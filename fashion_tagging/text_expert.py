@@ -14,15 +14,26 @@ Character n-grams (3 to 5 letters of each word, with its boundaries, fastText-st
 one learned vote vector per n-gram) keep the evidence of a misspelled word: a typo makes a whole
 word unknown to a word vocabulary but changes only a few of its n-grams. The expert is also
 trained on a misspelled copy of every text (``augment.misspell``).
+
+Memory does not grow with the catalog: the texts are vectorized once, a chunk at a time, into
+row-compressed arrays on disk (``TrainingRows``), and training gathers each batch from them
+memory-mapped. Held in memory whole, the sparse matrix, the n-gram ids and their tf.data copies
+and shuffle buffer grew a 250,000-product retrain by about 5 GiB.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import itertools
+import tempfile
+from pathlib import Path
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from fashion_tagging.augment import misspell
+from fashion_tagging.model import text_chunks
 from fashion_tagging.progress import epoch_logger
 
 VOCABULARY_SIZE = 50_000  # words and word pairs, fitted on train
@@ -30,7 +41,10 @@ NGRAMS = 2
 EPOCHS = 3  # val: blended fused 0.9772 after 3 epochs as after 6, text-only 0.9751 vs 0.9737; half the time
 BATCH_SIZE = 128
 LEARNING_RATE = 1e-3
-VECTORIZE_CHUNK = 2048
+VECTORIZE_CHUNK = 2048  # texts per adapt step
+# Texts per vectorizing step: the TF-IDF layer's output is dense (256 x 50,000 float32 = 51 MB); 2,048 at
+# a time left RSS 1.8 GB higher after vectorizing the real catalog's training texts.
+TRAINING_ROWS_CHUNK = 256
 CHAR_VOCABULARY_SIZE = 100_000  # character n-grams, fitted on train
 CHAR_NGRAM_WIDTHS = (3, 4, 5)
 CHAR_NGRAM_WORDS = 60  # n-grams of the first words only: the title and the start of the description
@@ -76,26 +90,118 @@ class MaskedMean(keras.layers.Layer):
         return (input_shape[0], input_shape[2])
 
 
-def _tfidf_matrix(vectorizer: keras.layers.TextVectorization, texts: list[str]) -> tf.SparseTensor:
-    chunks = [tf.sparse.from_dense(vectorizer(tf.constant(texts[i:i + VECTORIZE_CHUNK])))
-              for i in range(0, len(texts), VECTORIZE_CHUNK)]
-    return tf.sparse.concat(0, chunks)
+def _mapped(path: Path, dtype) -> np.ndarray:
+    return np.memmap(path, dtype=dtype, mode="r") if path.stat().st_size else np.zeros(0, dtype=dtype)
 
 
-def _id_matrix(vectorizer: keras.layers.TextVectorization, texts: list[str]) -> np.ndarray:
-    """Token ids of every text, zero-padded to the longest (int32: a few hundred per text)."""
-    chunks = [vectorizer(tf.constant(texts[i:i + VECTORIZE_CHUNK])).numpy().astype(np.int32)
-              for i in range(0, len(texts), VECTORIZE_CHUNK)]
-    longest = max(max(chunk.shape[1] for chunk in chunks), 1)
-    return np.concatenate([np.pad(chunk, ((0, 0), (0, longest - chunk.shape[1]))) for chunk in chunks])
+@dataclasses.dataclass
+class RaggedRows:
+    """Rows of varying length, memory-mapped: row ``i`` is ``columns[row_ends[i]:row_ends[i + 1]]``."""
+
+    row_ends: np.ndarray  # (rows + 1,) int64, starting at 0
+    columns: np.ndarray
+    values: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.row_ends) - 1
+
+    def gather(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(position within ``rows`` of each entry, columns, values) of the given rows, in that order."""
+        starts, lengths = self.row_ends[rows], np.diff(self.row_ends)[rows]
+        positions = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths) + np.arange(int(lengths.sum()))
+        owner = np.repeat(np.arange(len(rows)), lengths)
+        return owner, np.asarray(self.columns[positions]), (None if self.values is None
+                                                           else np.asarray(self.values[positions]))
+
+
+class _RaggedWriter:
+    """Appends rows to raw files in the row-compressed (CSR) layout of ``RaggedRows``, a chunk at a time."""
+
+    def __init__(self, directory: Path, name: str, value_dtype=None):
+        self.columns_path, self.values_path = directory / f"{name}.columns", directory / f"{name}.values"
+        self.value_dtype = value_dtype
+        self.row_ends = [np.zeros(1, dtype=np.int64)]
+        self.stored = 0
+        self.columns = open(self.columns_path, "wb")
+        self.values = open(self.values_path, "wb") if value_dtype is not None else None
+
+    def append(self, columns: np.ndarray, values: np.ndarray | None, row_lengths: np.ndarray) -> None:
+        columns.astype(np.int32).tofile(self.columns)
+        if self.values is not None:
+            values.astype(self.value_dtype).tofile(self.values)
+        self.row_ends.append(self.stored + np.cumsum(row_lengths, dtype=np.int64))
+        self.stored += int(row_lengths.sum())
+
+    def close(self) -> RaggedRows:
+        self.columns.close()
+        if self.values is not None:
+            self.values.close()
+        return RaggedRows(np.concatenate(self.row_ends), _mapped(self.columns_path, np.int32),
+                          None if self.values is None else _mapped(self.values_path, self.value_dtype))
+
+
+@dataclasses.dataclass
+class TrainingRows:
+    """The expert's vectorized training texts on disk: TF-IDF rows (sparse) and character n-gram ids."""
+
+    tfidf: RaggedRows
+    char_ngrams: RaggedRows
+    tfidf_width: int
+
+    def __len__(self) -> int:
+        return len(self.tfidf)
+
+    def batch(self, rows: np.ndarray) -> dict:
+        """The model inputs of ``rows``: a sparse TF-IDF batch and zero-padded n-gram ids."""
+        owner, columns, values = self.tfidf.gather(rows)
+        tfidf = tf.SparseTensor(np.stack([owner, columns], axis=1).astype(np.int64), values.astype(np.float32),
+                                (len(rows), self.tfidf_width))
+        owner, ids, _ = self.char_ngrams.gather(rows)
+        lengths = np.diff(self.char_ngrams.row_ends)[rows]
+        padded = np.zeros((len(rows), max(int(lengths.max(initial=0)), 1)), dtype=np.int32)
+        padded[owner, np.arange(len(ids)) - np.repeat(np.cumsum(lengths) - lengths, lengths)] = ids
+        return {"tfidf": tfidf, "char_ngrams": padded}
+
+
+def vectorize_to_disk(vectorizer: keras.layers.TextVectorization, char_vectorizer: keras.layers.TextVectorization,
+                      chunks, directory: Path) -> TrainingRows:
+    """Vectorize chunks of texts (an iterable of lists) into ``TrainingRows`` under ``directory``."""
+    tfidf = _RaggedWriter(directory, "tfidf", np.float32)
+    char_ngrams = _RaggedWriter(directory, "char_ngrams")
+    for chunk in chunks:
+        batch = tf.constant(chunk)
+        sparse = tf.sparse.from_dense(vectorizer(batch))  # row-major: rows in order, columns ascending
+        rows = sparse.indices[:, 0].numpy()
+        tfidf.append(sparse.indices[:, 1].numpy(), sparse.values.numpy(), np.bincount(rows, minlength=len(chunk)))
+        ids = char_vectorizer(batch).numpy()
+        present = ids != 0  # padding only trails
+        char_ngrams.append(ids[present], None, present.sum(axis=1))
+    return TrainingRows(tfidf.close(), char_ngrams.close(), int(vectorizer.vocabulary_size()))
+
+
+def training_batches(rows: TrainingRows, labels: np.ndarray, *, batch_size: int, seed: int) -> tf.data.Dataset:
+    """Shuffled batches (a new order every epoch), each gathered from the memory-mapped rows when needed."""
+    epochs = itertools.count()
+
+    def batches():
+        order = np.random.default_rng([seed, next(epochs)]).permutation(len(rows))
+        for start in range(0, len(order), batch_size):
+            chosen = order[start:start + batch_size]
+            yield rows.batch(chosen), labels[chosen]
+
+    signature = ({"tfidf": tf.SparseTensorSpec((None, rows.tfidf_width), tf.float32),
+                  "char_ngrams": tf.TensorSpec((None, None), tf.int32)},
+                 tf.TensorSpec((None,), tf.as_dtype(labels.dtype)))
+    return tf.data.Dataset.from_generator(batches, output_signature=signature).prefetch(2)
 
 
 def fit_text_expert(texts: list[str], labels: np.ndarray, num_classes: int, *, seed: int,
-                    progress: bool = False) -> keras.Model | None:
+                    progress: bool = False, scratch_dir: Path | None = None) -> keras.Model | None:
     """Train on the products that have a text and a label; returns a model from raw texts to probabilities.
 
     None when no product qualifies. A product without text never trains it (and never gets
-    its vote at inference: see ``model.blend_primary``).
+    its vote at inference: see ``model.blend_primary``). The vectorized training texts live in a
+    temporary directory under ``scratch_dir`` (the system's temporary directory by default).
     """
     texts = [t if isinstance(t, str) else "" for t in texts]
     keep = np.array([bool(t.strip()) for t in texts]) & (np.asarray(labels) >= 0)
@@ -105,14 +211,10 @@ def fit_text_expert(texts: list[str], labels: np.ndarray, num_classes: int, *, s
     labels = np.asarray(labels)[keep]
     vectorizer = keras.layers.TextVectorization(max_tokens=VOCABULARY_SIZE, ngrams=NGRAMS, output_mode="tf_idf",
                                                 name="text_expert_tfidf")
-    vectorizer.adapt(tf.data.Dataset.from_tensor_slices(texts).batch(VECTORIZE_CHUNK))
+    vectorizer.adapt(text_chunks(texts, VECTORIZE_CHUNK))
     char_vectorizer = keras.layers.TextVectorization(max_tokens=CHAR_VOCABULARY_SIZE, output_mode="int",
                                                      split=word_char_ngrams, name="text_expert_char_ngrams")
-    char_vectorizer.adapt(tf.data.Dataset.from_tensor_slices(texts).batch(VECTORIZE_CHUNK))
-    # Vocabularies come from the real texts; the classifier also sees a misspelled copy of each.
-    rng = np.random.default_rng(seed)
-    training_texts = texts + [misspell(t, TYPO_FRACTION, rng) for t in texts]
-    training_labels = np.concatenate([labels, labels])
+    char_vectorizer.adapt(text_chunks(texts, VECTORIZE_CHUNK))
 
     # Zero start, as usual for a linear softmax: an n-gram the training texts never show keeps no vote.
     word_votes = keras.layers.Dense(num_classes, kernel_initializer="zeros", name="text_expert_word_votes")
@@ -130,11 +232,18 @@ def fit_text_expert(texts: list[str], labels: np.ndarray, num_classes: int, *, s
     trainer = keras.Model({"tfidf": sparse_rows, "char_ngrams": char_rows}, classify(sparse_rows, char_rows),
                           name="text_expert_trainer")
     trainer.compile(optimizer=keras.optimizers.Adam(LEARNING_RATE), loss=keras.losses.SparseCategoricalCrossentropy())
-    inputs = {"tfidf": _tfidf_matrix(vectorizer, training_texts),
-              "char_ngrams": _id_matrix(char_vectorizer, training_texts)}
-    data = (tf.data.Dataset.from_tensor_slices((inputs, training_labels))
-            .shuffle(len(training_texts), seed=seed).batch(BATCH_SIZE).prefetch(tf.data.AUTOTUNE))
-    trainer.fit(data, epochs=EPOCHS, verbose=2 if progress else 0, callbacks=[epoch_logger("text expert", EPOCHS)])
+    # Vocabularies come from the real texts; the classifier also sees a misspelled copy of each
+    # (rows len(texts) onwards), made a chunk at a time as the rows are written.
+    rng = np.random.default_rng(seed)
+    starts = range(0, len(texts), TRAINING_ROWS_CHUNK)
+    chunks = itertools.chain((texts[start:start + TRAINING_ROWS_CHUNK] for start in starts),
+                             ([misspell(t, TYPO_FRACTION, rng) for t in texts[start:start + TRAINING_ROWS_CHUNK]]
+                              for start in starts))
+    with tempfile.TemporaryDirectory(prefix="text-expert-", dir=scratch_dir) as directory:
+        rows = vectorize_to_disk(vectorizer, char_vectorizer, chunks, Path(directory))
+        data = training_batches(rows, np.concatenate([labels, labels]), batch_size=BATCH_SIZE, seed=seed)
+        trainer.fit(data, epochs=EPOCHS, verbose=2 if progress else 0, callbacks=[epoch_logger("text expert", EPOCHS)])
+        del rows, data  # the memory maps close before their files go
 
     raw = keras.Input((1,), dtype="string", name="text")
     return keras.Model(raw, classify(vectorizer(raw), char_vectorizer(raw)), name="text_expert")

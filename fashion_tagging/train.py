@@ -31,7 +31,7 @@ from fashion_tagging.augment import AugmentedView
 from fashion_tagging.catalog import load_kaggle_catalog, with_clean_labels
 from fashion_tagging.images import photo_tensors
 from fashion_tagging.features import catalog_image_embeddings, photo_file_digests, tuned_embeddings
-from fashion_tagging.progress import epoch_logger
+from fashion_tagging.progress import epoch_logger, peak_rss_mib
 from fashion_tagging.model import (AUXILIARY_HEADS, BLEND_SITUATIONS, MODES, OTHER_LABEL, LabelMap, TextEncoder,
                                    build_head_model, choose_blend, compile_head_model, modality_view, model_inputs)
 from fashion_tagging.settings import HEADS, IMAGE_EMBEDDING_DIM, PRIMARY_HEAD, Settings
@@ -64,6 +64,7 @@ class TrainResult:
     version: str
     history: dict
     timings: dict
+    peak_rss_mib_after: dict = dataclasses.field(default_factory=dict)  # stage -> this process's peak so far
 
 
 def new_version(backbone: str) -> str:
@@ -305,6 +306,8 @@ def train(
     label_maps, heads_left_out = fit_heads(train_rows, settings.min_class_count)
     heads = tuple(label_maps)
     text = TextEncoder.fit(train_rows["text"], settings.max_text_tokens, settings.vocabulary_size)
+    # The process's peak RSS after each stage: the stage that raised it is where memory goes.
+    memory = {"catalog_and_vocabulary": round(peak_rss_mib())}
 
     t0 = time.perf_counter()
     embed = dict(backbone_name=settings.backbone, image_size=settings.image_size, cache_dir=settings.cache_dir,
@@ -317,12 +320,14 @@ def train(
     train_embeddings = embeddings.rows(slice(0, len(train_rows)))
     val_embeddings = embeddings.rows(slice(len(train_rows), None))
     embedding_seconds = time.perf_counter() - t0
+    memory["embedding"] = round(peak_rss_mib())
     t0 = time.perf_counter()
     train_views = []  # augmented views of the training photos (none after "full": it augments pixels itself)
     if mode != "full" and train_embeddings.has_image.any():
         train_views = augmented_views(settings, train_rows, train_embeddings, with_top_inputs=mode == "top",
                                       progress=progress, digests=digests[:len(train_rows)])
     augmentation_seconds = time.perf_counter() - t0
+    memory["augmented_views"] = round(peak_rss_mib())
 
     head_labels = {head: label_maps[head].encode(train_rows[head]) for head in heads}
     val_head_labels = {head: label_maps[head].encode(val_rows[head]) for head in heads}
@@ -345,6 +350,7 @@ def train(
             tuned_embeddings(backbone, view, settings.inference_batch_size)
             view.top_inputs = view.photo_top_inputs = None
         top_seconds = time.perf_counter() - t0
+        memory["backbone_top"] = round(peak_rss_mib())
     elif mode == "top":
         mode = "none"  # nothing to tune on: no photos in one of the splits
     for split_embeddings in (embeddings, train_embeddings, val_embeddings):  # stage 2 needs the pooled vectors
@@ -383,13 +389,17 @@ def train(
         t0 = time.perf_counter()
         backbone = fine_tune_backbone(settings, model, text, label_maps, train_rows, val_rows, progress=progress)
         fit_seconds += time.perf_counter() - t0
+    memory["fused_model"] = round(peak_rss_mib())
 
     blend, blend_report, text_expert, text_expert_seconds = {}, {}, None, 0.0
     if mode != "full":  # "full" changed the backbone under the val embeddings: they no longer apply
         t0 = time.perf_counter()
+        settings.cache_dir.mkdir(parents=True, exist_ok=True)
         text_expert = fit_text_expert(train_rows["text"].tolist(), head_labels[PRIMARY_HEAD],
-                                      len(label_maps[PRIMARY_HEAD]), seed=settings.seed, progress=progress)
+                                      len(label_maps[PRIMARY_HEAD]), seed=settings.seed, progress=progress,
+                                      scratch_dir=settings.cache_dir)
         text_expert_seconds = time.perf_counter() - t0
+        memory["text_expert"] = round(peak_rss_mib())
         blend, blend_report = choose_primary_blend(model, expert, text_expert, val_rows, text, val_embeddings,
                                                    val_head_labels[PRIMARY_HEAD], settings.inference_batch_size)
 
@@ -430,8 +440,10 @@ def train(
 
         build_cpu_exports(artifact_dir, train_rows, val_rows, seed=settings.seed,
                           batch_size=settings.inference_batch_size)
-    log.info("trained %s in %.0fs -> %s", version, timings["train_seconds"], artifact_dir)
-    return TrainResult(artifact_dir, version, history_dict, timings)
+    memory["blend_calibration_export"] = round(peak_rss_mib())
+    log.info("trained %s in %.0fs -> %s; peak RSS after each stage (MiB): %s", version, timings["train_seconds"],
+             artifact_dir, memory)
+    return TrainResult(artifact_dir, version, history_dict, timings, memory)
 
 
 def calibrate_chosen_model(artifact_dir: Path, settings: Settings, val_rows: pd.DataFrame, val_embeddings,

@@ -201,3 +201,35 @@ def test_text_expert_learns_from_text_alone_and_survives_a_round_trip(tmp_path):
     again = keras.saving.load_model(tmp_path / "text_expert.keras", compile=False)
     assert np.allclose(predict_text_expert(again, ["reebok men black running shoes"], batch_size=2), probs[:1], atol=1e-6)
     assert fit_text_expert(["", "  "], np.array([0, 1]), num_classes=2, seed=0) is None
+
+
+def test_text_expert_training_rows_are_written_to_disk_and_read_back_a_batch_at_a_time(tmp_path):
+    """The expert trains from memory-mapped rows, never from the whole matrix: each batch gathered from
+    them is exactly what vectorizing those texts in memory gives."""
+    import keras
+    import tensorflow as tf
+
+    from fashion_tagging.text_expert import training_batches, vectorize_to_disk, word_char_ngrams
+
+    texts = ["nike men blue running shoes", "puma women red tshirt and a longer description of it",
+             "x", "adidas men black sports shoes", "roadster women white tshirt"] * 3
+    words = keras.layers.TextVectorization(max_tokens=50, ngrams=2, output_mode="tf_idf")
+    words.adapt(texts)
+    chars = keras.layers.TextVectorization(max_tokens=200, output_mode="int", split=word_char_ngrams)
+    chars.adapt(texts)
+    rows = vectorize_to_disk(words, chars, [texts[:4], texts[4:11], texts[11:]], tmp_path)
+    assert len(rows) == len(texts) and isinstance(rows.tfidf.columns, np.memmap)
+    assert isinstance(rows.char_ngrams.columns, np.memmap)
+    chosen = np.array([7, 2, 0, 13])
+    batch = rows.batch(chosen)
+    expected_tfidf = words(np.array(texts)[chosen]).numpy()
+    assert np.allclose(tf.sparse.to_dense(batch["tfidf"]).numpy(), expected_tfidf)
+    expected_ids = chars(np.array(texts)[chosen]).numpy()
+    width = batch["char_ngrams"].shape[1]
+    assert np.array_equal(batch["char_ngrams"], expected_ids[:, :width]) and not expected_ids[:, width:].any()
+
+    labels = np.arange(len(texts))
+    data = training_batches(rows, labels, batch_size=4, seed=0)
+    epochs = [np.concatenate([y.numpy() for _, y in data]) for _ in range(2)]
+    assert all(sorted(seen) == list(labels) for seen in epochs)  # every row once per epoch
+    assert not np.array_equal(epochs[0], epochs[1])  # in a new order

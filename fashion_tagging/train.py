@@ -143,12 +143,37 @@ def targets_and_weights(labels: dict) -> tuple[dict, dict]:
 
 
 def labelled_slices(features, labels: dict, *, training: bool, seed: int) -> tf.data.Dataset:
-    """Unbatched (features, targets, sample weights), reshuffled every epoch when training."""
+    """Unbatched (features, targets, sample weights), reshuffled every epoch when training.
+
+    The arrays are held once, as constants, and the dataset (its shuffle buffer too) holds row
+    numbers: each element is gathered when it is drawn. Slicing the arrays themselves copied every
+    row into the dataset and again into a shuffle buffer as long as the catalog. Integer columns
+    are held as int32 where their values fit (token ids: half the memory) and gathered back as int64.
+    """
     targets, weights = targets_and_weights(labels)
-    dataset = tf.data.Dataset.from_tensor_slices((features, targets, weights))
+    columns = tf.nest.map_structure(_HeldColumn.of, (features, targets, weights))
+    rows = tf.data.Dataset.range(len(next(iter(targets.values()))))
     if training:
-        dataset = dataset.shuffle(len(next(iter(targets.values()))), seed=seed, reshuffle_each_iteration=True)
-    return dataset
+        rows = rows.shuffle(len(next(iter(targets.values()))), seed=seed, reshuffle_each_iteration=True)
+    return rows.map(lambda row: tf.nest.map_structure(lambda column: column.row(row), columns),
+                    num_parallel_calls=tf.data.AUTOTUNE)
+
+
+@dataclasses.dataclass(frozen=True)
+class _HeldColumn:
+    """One input column held as a constant (a leaf to ``tf.nest``), narrowed to int32 where it fits."""
+
+    held: tf.Tensor
+    dtype: tf.DType
+
+    @classmethod
+    def of(cls, values) -> "_HeldColumn":
+        values = np.asarray(values)
+        narrow = values.dtype == np.int64 and (values.size == 0 or (values.min() >= -2**31 and values.max() < 2**31))
+        return cls(tf.constant(values.astype(np.int32) if narrow else values), tf.as_dtype(values.dtype))
+
+    def row(self, row) -> tf.Tensor:
+        return tf.cast(tf.gather(self.held, row), self.dtype)
 
 
 def token_lengths(tokens: tf.Tensor) -> tf.Tensor:
@@ -313,7 +338,7 @@ def train(
     embed = dict(backbone_name=settings.backbone, image_size=settings.image_size, cache_dir=settings.cache_dir,
                  batch_size=settings.inference_batch_size, progress=progress)
     # One pass for both splits: the feature store is indexed and the backbone built once.
-    both = pd.concat([train_rows, val_rows], ignore_index=True)
+    both = pd.concat([train_rows[["id", "image_path"]], val_rows[["id", "image_path"]]], ignore_index=True)
     digests = photo_file_digests(both["image_path"].tolist())  # read once: the views are of the same files
     embeddings = catalog_image_embeddings(both["id"], both["image_path"].tolist(), **embed,
                                           with_top_inputs=mode == "top", digests=digests)

@@ -147,7 +147,8 @@ def main() -> int:
         args.results.parent.mkdir(parents=True, exist_ok=True)
         args.results.write_text(json.dumps(results, indent=1))
         print(f"{run['products']} products: {run['wall_seconds'] / 60:.1f} min, peak RSS "
-              f"{run['peak_rss_mib'] / 1024:.2f} GiB, photos embedded {run['photos_embedded']}", flush=True)
+              f"{run['peak_rss_mib'] / 1024:.2f} GiB, photos embedded {run['photos_embedded']}; peak RSS after "
+              f"each stage (MiB): {run.get('peak_rss_mib_after')}", flush=True)
 
     print("\n| products | new photos | wall | train (of which embedding) | peak RSS | photos embedded | artifact |")
     print("| --- | --- | --- | --- | --- | --- | --- |")

@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from fashion_tagging.artifacts import artifact_footprint
 from fashion_tagging.features import STORE_SUBDIR
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,7 +55,7 @@ def main() -> int:
     config = json.loads((home / "models" / summary["version"] / "config.json").read_text())
     peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     modes = metrics["modes"]
-    artifact = home / "models" / summary["version"]
+    artifact_bytes, artifact_caches = artifact_footprint(home / "models" / summary["version"])
     embedded = [int(n) for n in re.findall(r"embedding (\d+) photos of \d+ products", completed.stderr)]
     result = {
         "version": summary["version"], "cold_cache": args.cold, "cpu_count": os.cpu_count(),
@@ -73,9 +74,7 @@ def main() -> int:
         "accuracy_without_image": metrics["accuracy_without_image"],
         # what the backbone embedded (train, its augmented views, evaluate): a warm store embeds none
         "photos_embedded_per_pass": embedded,
-        "artifact_bytes": sum(p.stat().st_size for p in artifact.rglob("*") if p.is_file()),
-        "artifact_cache_files": [str(p.relative_to(artifact)) for p in artifact.rglob("*")
-                                 if p.suffix in (".npz", ".npy") or "cache" in p.parts],
+        "artifact_bytes": artifact_bytes, "artifact_cache_files": artifact_caches,
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=1))

@@ -76,6 +76,7 @@ def scaled_catalog(products, size: int, photo_dir: Path, new_products: int = 0):
 def child(args) -> int:
     """One retrain in this process; prints its figures as the last line of stdout."""
     import fashion_tagging.text_expert as text_expert
+    from fashion_tagging.artifacts import artifact_footprint
     from fashion_tagging.catalog import load_kaggle_catalog
     from fashion_tagging.settings import get_settings
     from fashion_tagging.train import train
@@ -90,9 +91,7 @@ def child(args) -> int:
     frame = scaled_catalog(products, args.child, Path(args.home) / "replica-photos", args.new_products)
     catalog_seconds = time.perf_counter() - started
     result = train(settings, products=frame, epochs=args.epochs, progress=False)
-    artifact_bytes = sum(p.stat().st_size for p in result.artifact_dir.rglob("*") if p.is_file())
-    caches = [str(p.relative_to(result.artifact_dir)) for p in result.artifact_dir.rglob("*")
-              if p.suffix in (".npz", ".npy") or "cache" in p.parts]
+    artifact_bytes, caches = artifact_footprint(result.artifact_dir)
     print(json.dumps({"products": len(frame), "version": result.version, "timings": result.timings,
                       "peak_rss_mib_after": result.peak_rss_mib_after,
                       "catalog_seconds": round(catalog_seconds, 1), "artifact_bytes": artifact_bytes,

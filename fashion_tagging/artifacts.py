@@ -106,6 +106,13 @@ def _load_encoders(directory: Path, sequence_length: int, max_tokens: int) -> tu
     return TextEncoder(vocabulary, sequence_length, max_tokens), {h: LabelMap(v) for h, v in labels.items()}
 
 
+def artifact_footprint(artifact_dir: Path) -> tuple[int, list[str]]:
+    """(bytes on disk, cache files in it): every worker downloads an artifact, so it must hold no cache."""
+    files = [p for p in Path(artifact_dir).rglob("*") if p.is_file()]
+    caches = [str(p.relative_to(artifact_dir)) for p in files if p.suffix in (".npz", ".npy") or "cache" in p.parts]
+    return sum(p.stat().st_size for p in files), caches
+
+
 def read_config(artifact_dir: Path) -> dict:
     path = Path(artifact_dir) / "config.json"
     if not path.is_file():

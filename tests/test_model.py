@@ -233,3 +233,12 @@ def test_text_expert_training_rows_are_written_to_disk_and_read_back_a_batch_at_
     epochs = [np.concatenate([y.numpy() for _, y in data]) for _ in range(2)]
     assert all(sorted(seen) == list(labels) for seen in epochs)  # every row once per epoch
     assert not np.array_equal(epochs[0], epochs[1])  # in a new order
+
+
+def test_choices_after_fitting_use_a_bounded_sample_of_val():
+    from fashion_tagging.train import VAL_DECISION_PRODUCTS, val_decision_sample
+
+    assert np.array_equal(val_decision_sample(4378, seed=0), np.arange(4378))  # a catalog like this one: all of val
+    sample = val_decision_sample(10 * VAL_DECISION_PRODUCTS, seed=0)
+    assert len(sample) == VAL_DECISION_PRODUCTS and np.all(np.diff(sample) > 0)  # distinct rows, in val order
+    assert np.array_equal(sample, val_decision_sample(10 * VAL_DECISION_PRODUCTS, seed=0))

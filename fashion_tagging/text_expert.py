@@ -105,13 +105,15 @@ class RaggedRows:
     def __len__(self) -> int:
         return len(self.row_ends) - 1
 
-    def gather(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """(position within ``rows`` of each entry, columns, values) of the given rows, in that order."""
+    def gather(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+        """(position within ``rows``, position within its row, column, value) of each entry of the given
+        rows, in that order."""
         starts, lengths = self.row_ends[rows], np.diff(self.row_ends)[rows]
-        positions = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths) + np.arange(int(lengths.sum()))
         owner = np.repeat(np.arange(len(rows)), lengths)
-        return owner, np.asarray(self.columns[positions]), (None if self.values is None
-                                                           else np.asarray(self.values[positions]))
+        slot = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        positions = starts[owner] + slot
+        return owner, slot, np.asarray(self.columns[positions]), (None if self.values is None
+                                                                 else np.asarray(self.values[positions]))
 
 
 class _RaggedWriter:
@@ -153,13 +155,12 @@ class TrainingRows:
 
     def batch(self, rows: np.ndarray) -> dict:
         """The model inputs of ``rows``: a sparse TF-IDF batch and zero-padded n-gram ids."""
-        owner, columns, values = self.tfidf.gather(rows)
+        owner, _, columns, values = self.tfidf.gather(rows)
         tfidf = tf.SparseTensor(np.stack([owner, columns], axis=1).astype(np.int64), values.astype(np.float32),
                                 (len(rows), self.tfidf_width))
-        owner, ids, _ = self.char_ngrams.gather(rows)
-        lengths = np.diff(self.char_ngrams.row_ends)[rows]
-        padded = np.zeros((len(rows), max(int(lengths.max(initial=0)), 1)), dtype=np.int32)
-        padded[owner, np.arange(len(ids)) - np.repeat(np.cumsum(lengths) - lengths, lengths)] = ids
+        owner, slot, ids, _ = self.char_ngrams.gather(rows)
+        padded = np.zeros((len(rows), int(slot.max(initial=0)) + 1), dtype=np.int32)
+        padded[owner, slot] = ids
         return {"tfidf": tfidf, "char_ngrams": padded}
 
 
@@ -171,8 +172,8 @@ def vectorize_to_disk(vectorizer: keras.layers.TextVectorization, char_vectorize
     for chunk in chunks:
         batch = tf.constant(chunk)
         sparse = tf.sparse.from_dense(vectorizer(batch))  # row-major: rows in order, columns ascending
-        rows = sparse.indices[:, 0].numpy()
-        tfidf.append(sparse.indices[:, 1].numpy(), sparse.values.numpy(), np.bincount(rows, minlength=len(chunk)))
+        indices = sparse.indices.numpy()
+        tfidf.append(indices[:, 1], sparse.values.numpy(), np.bincount(indices[:, 0], minlength=len(chunk)))
         ids = char_vectorizer(batch).numpy()
         present = ids != 0  # padding only trails
         char_ngrams.append(ids[present], None, present.sum(axis=1))

@@ -153,9 +153,10 @@ def labelled_slices(features, labels: dict, *, training: bool, seed: int) -> tf.
     """
     targets, weights = targets_and_weights(labels)
     columns = tf.nest.map_structure(_HeldColumn.of, (features, targets, weights))
-    rows = tf.data.Dataset.range(len(next(iter(targets.values()))))
+    count = len(next(iter(targets.values())))
+    rows = tf.data.Dataset.range(count)
     if training:
-        rows = rows.shuffle(len(next(iter(targets.values()))), seed=seed, reshuffle_each_iteration=True)
+        rows = rows.shuffle(count, seed=seed, reshuffle_each_iteration=True)
     return rows.map(lambda row: tf.nest.map_structure(lambda column: column.row(row), columns),
                     num_parallel_calls=tf.data.AUTOTUNE)
 

@@ -68,6 +68,8 @@ def main() -> int:
         "evaluate_seconds": summary["evaluate_seconds"], "peak_rss_mib": round(peak_mib, 1),
         # the training's peak RSS after each of its stages (the stage that raised it is where memory goes)
         "train_peak_rss_mib_after": summary.get("train_peak_rss_mib_after"),
+        # sampled peaks of anonymous and file-backed (memory-mapped feature store) resident memory
+        "train_resident_peaks_mib_after": summary.get("train_resident_peaks_mib_after"),
         "test_products": metrics["products"], "baseline": metrics["baseline"],
         "article_type": {mode: {k: modes[mode]["articleType"][k] for k in ("accuracy", "macro_f1")} for mode in modes},
         "other_heads_fused": {h: modes["fused"][h]["accuracy"] for h in modes["fused"] if h != "articleType"},
@@ -85,6 +87,7 @@ def main() -> int:
           f"{summary['evaluate_seconds']:.0f} s |")
     print(f"| peak RSS | {peak_mib / 1024:.2f} GiB |")
     print(f"| training's peak RSS after each stage (MiB) | {result['train_peak_rss_mib_after']} |")
+    print(f"| of which anonymous / file-backed, sampled (MiB) | {result['train_resident_peaks_mib_after']} |")
     print(f"| photos embedded per pass | {embedded} |")
     print(f"| artifact size (caches in it) | {result['artifact_bytes'] / 2**20:.0f} MiB "
           f"({result['artifact_cache_files'] or 'none'}) |")

@@ -94,6 +94,7 @@ def child(args) -> int:
     artifact_bytes, caches = artifact_footprint(result.artifact_dir)
     print(json.dumps({"products": len(frame), "version": result.version, "timings": result.timings,
                       "peak_rss_mib_after": result.peak_rss_mib_after,
+                      "resident_peaks_mib_after": result.resident_peaks_mib_after,
                       "catalog_seconds": round(catalog_seconds, 1), "artifact_bytes": artifact_bytes,
                       "artifact_cache_files": caches}))
     return 0
@@ -147,7 +148,8 @@ def main() -> int:
         args.results.write_text(json.dumps(results, indent=1))
         print(f"{run['products']} products: {run['wall_seconds'] / 60:.1f} min, peak RSS "
               f"{run['peak_rss_mib'] / 1024:.2f} GiB, photos embedded {run['photos_embedded']}; peak RSS after "
-              f"each stage (MiB): {run.get('peak_rss_mib_after')}", flush=True)
+              f"each stage (MiB): {run.get('peak_rss_mib_after')}; sampled anonymous / file-backed peaks: "
+              f"{run.get('resident_peaks_mib_after')}", flush=True)
 
     print("\n| products | new photos | wall | train (of which embedding) | peak RSS | photos embedded | artifact |")
     print("| --- | --- | --- | --- | --- | --- | --- |")

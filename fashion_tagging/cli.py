@@ -58,7 +58,8 @@ def cmd_train(args) -> int:
                    "evaluate_seconds": report["resources"]["evaluate_seconds"],
                    "total_seconds": round(time.perf_counter() - started, 1),
                    "peak_rss_mib": report["resources"]["peak_rss_mib"],
-                   "train_peak_rss_mib_after": result.peak_rss_mib_after}
+                   "train_peak_rss_mib_after": result.peak_rss_mib_after,
+                   "train_resident_peaks_mib_after": result.resident_peaks_mib_after}
         print(json.dumps(summary))
     return 0
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import re
 import resource
+import threading
 import time
 from collections.abc import Callable
 
@@ -34,6 +35,55 @@ def peak_rss_mib() -> float:
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     return max(own, children) / 1024
+
+
+def resident_memory_mib() -> dict[str, float]:
+    """This process's resident memory now, split as Linux counts it (``/proc/self/status``), in MiB.
+
+    ``anonymous``: heap and other private memory, which only the process can give back;
+    ``file``: pages of memory-mapped files (the feature store's shards), which the kernel drops
+    under pressure and re-reads. Empty where ``/proc`` has no such lines.
+    """
+    fields = {"RssAnon:": "anonymous", "RssFile:": "file", "RssShmem:": "shared"}
+    try:
+        lines = open("/proc/self/status").read().splitlines()
+    except OSError:
+        return {}
+    return {fields[parts[0]]: int(parts[1]) / 1024 for parts in map(str.split, lines) if parts and parts[0] in fields}
+
+
+class ResidentMemorySampler:
+    """Tracks the peak of each kind of resident memory (see :func:`resident_memory_mib`) in a thread.
+
+    ``ru_maxrss`` counts mapped file pages and heap alike; sampled every ``every_s`` seconds,
+    this tells them apart (a peak shorter than the interval can be missed). A context manager.
+    """
+
+    def __init__(self, every_s: float = 0.2):
+        self.every_s = every_s
+        self.peak: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="resident-memory-sampler", daemon=True)
+
+    def sample(self) -> dict[str, float]:
+        """Sample now; returns the peaks so far (MiB, rounded)."""
+        for kind, mib in resident_memory_mib().items():
+            self.peak[kind] = max(self.peak.get(kind, 0.0), mib)
+        return {kind: round(mib) for kind, mib in self.peak.items()}
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.sample()
+
+    def __enter__(self) -> "ResidentMemorySampler":
+        self.sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
 
 
 class ProgressLogger:

@@ -31,7 +31,7 @@ from fashion_tagging.augment import AugmentedView
 from fashion_tagging.catalog import load_kaggle_catalog, with_clean_labels
 from fashion_tagging.images import photo_tensors
 from fashion_tagging.features import catalog_image_embeddings, photo_file_digests, tuned_embeddings
-from fashion_tagging.progress import epoch_logger, peak_rss_mib
+from fashion_tagging.progress import ResidentMemorySampler, epoch_logger, peak_rss_mib
 from fashion_tagging.model import (AUXILIARY_HEADS, BLEND_SITUATIONS, MODES, OTHER_LABEL, LabelMap, TextEncoder,
                                    build_head_model, choose_blend, compile_head_model, modality_view, model_inputs)
 from fashion_tagging.settings import HEADS, IMAGE_EMBEDDING_DIM, PRIMARY_HEAD, Settings
@@ -66,6 +66,8 @@ class TrainResult:
     history: dict
     timings: dict
     peak_rss_mib_after: dict = dataclasses.field(default_factory=dict)  # stage -> this process's peak so far
+    # stage -> sampled peaks so far of anonymous and file-backed (memory-mapped store) resident memory
+    resident_peaks_mib_after: dict = dataclasses.field(default_factory=dict)
 
 
 def new_version(backbone: str) -> str:
@@ -319,6 +321,13 @@ def train(
 
     ``fine_tune`` is a mode of ``FINE_TUNE_MODES`` (None: ``settings.fine_tune``; True: "full").
     """
+    with ResidentMemorySampler() as sampler:
+        return _train(settings, sampler, products=products, epochs=epochs, output_dir=output_dir, progress=progress,
+                      fine_tune=fine_tune)
+
+
+def _train(settings: Settings, sampler: ResidentMemorySampler, *, products, epochs, output_dir, progress,
+           fine_tune) -> TrainResult:
     started = time.perf_counter()
     mode = fine_tune_mode(settings.fine_tune if fine_tune is None else fine_tune)
     keras.utils.set_random_seed(settings.seed)
@@ -334,7 +343,12 @@ def train(
     heads = tuple(label_maps)
     text = TextEncoder.fit(train_rows["text"], settings.max_text_tokens, settings.vocabulary_size)
     # The process's peak RSS after each stage: the stage that raised it is where memory goes.
-    memory = {"catalog_and_vocabulary": round(peak_rss_mib())}
+    memory, resident = {}, {}
+
+    def note_memory(stage: str) -> None:
+        memory[stage], resident[stage] = round(peak_rss_mib()), sampler.sample()
+
+    note_memory("catalog_and_vocabulary")
 
     t0 = time.perf_counter()
     embed = dict(backbone_name=settings.backbone, image_size=settings.image_size, cache_dir=settings.cache_dir,
@@ -347,14 +361,14 @@ def train(
     train_embeddings = embeddings.rows(slice(0, len(train_rows)))
     val_embeddings = embeddings.rows(slice(len(train_rows), None))
     embedding_seconds = time.perf_counter() - t0
-    memory["embedding"] = round(peak_rss_mib())
+    note_memory("embedding")
     t0 = time.perf_counter()
     train_views = []  # augmented views of the training photos (none after "full": it augments pixels itself)
     if mode != "full" and train_embeddings.has_image.any():
         train_views = augmented_views(settings, train_rows, train_embeddings, with_top_inputs=mode == "top",
                                       progress=progress, digests=digests[:len(train_rows)])
     augmentation_seconds = time.perf_counter() - t0
-    memory["augmented_views"] = round(peak_rss_mib())
+    note_memory("augmented_views")
 
     head_labels = {head: label_maps[head].encode(train_rows[head]) for head in heads}
     val_head_labels = {head: label_maps[head].encode(val_rows[head]) for head in heads}
@@ -377,7 +391,7 @@ def train(
             tuned_embeddings(backbone, view, settings.inference_batch_size)
             view.top_inputs = view.photo_top_inputs = None
         top_seconds = time.perf_counter() - t0
-        memory["backbone_top"] = round(peak_rss_mib())
+        note_memory("backbone_top")
     elif mode == "top":
         mode = "none"  # nothing to tune on: no photos in one of the splits
     for split_embeddings in (embeddings, train_embeddings, val_embeddings):  # stage 2 needs the pooled vectors
@@ -416,7 +430,7 @@ def train(
         t0 = time.perf_counter()
         backbone = fine_tune_backbone(settings, model, text, label_maps, train_rows, val_rows, progress=progress)
         fit_seconds += time.perf_counter() - t0
-    memory["fused_model"] = round(peak_rss_mib())
+    note_memory("fused_model")
 
     blend, blend_report, text_expert, text_expert_seconds = {}, {}, None, 0.0
     decided_on = val_decision_sample(len(val_rows), settings.seed)
@@ -429,7 +443,7 @@ def train(
                                       len(label_maps[PRIMARY_HEAD]), seed=settings.seed, progress=progress,
                                       scratch_dir=settings.cache_dir)
         text_expert_seconds = time.perf_counter() - t0
-        memory["text_expert"] = round(peak_rss_mib())
+        note_memory("text_expert")
         blend, blend_report = choose_primary_blend(model, expert, text_expert, decision_rows, text,
                                                    decision_embeddings, val_head_labels[PRIMARY_HEAD][decided_on],
                                                    settings.inference_batch_size)
@@ -471,10 +485,10 @@ def train(
 
         build_cpu_exports(artifact_dir, train_rows, decision_rows, seed=settings.seed,
                           batch_size=settings.inference_batch_size)
-    memory["blend_calibration_export"] = round(peak_rss_mib())
-    log.info("trained %s in %.0fs -> %s; peak RSS after each stage (MiB): %s", version, timings["train_seconds"],
-             artifact_dir, memory)
-    return TrainResult(artifact_dir, version, history_dict, timings, memory)
+    note_memory("blend_calibration_export")
+    log.info("trained %s in %.0fs -> %s; peak RSS after each stage (MiB): %s; of which anonymous / file-backed: %s",
+             version, timings["train_seconds"], artifact_dir, memory, resident)
+    return TrainResult(artifact_dir, version, history_dict, timings, memory, resident)
 
 
 def val_decision_sample(val_products: int, seed: int) -> np.ndarray:

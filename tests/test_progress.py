@@ -95,3 +95,24 @@ def test_epoch_logger_logs_one_line_per_epoch(caplog):
     assert len(lines) == 2
     assert lines[0].startswith("stage 1 epoch 1/2: loss ") and ", acc 1.0000, val 1.0000 (" in lines[0]
     assert lines[1].startswith("stage 1 epoch 2/2: ")
+
+
+def test_resident_memory_sampler_tells_mapped_file_pages_from_heap(tmp_path):
+    """A read memory-mapped file raises the file-backed peak, a heap array the anonymous one."""
+    import numpy as np
+
+    from fashion_tagging.progress import ResidentMemorySampler
+
+    path = tmp_path / "mapped.npy"
+    np.save(path, np.ones(48 * 2**20 // 8))
+    with ResidentMemorySampler(every_s=0.01) as sampler:
+        before = sampler.sample()
+        mapped = np.load(path, mmap_mode="r")
+        assert float(mapped.sum()) == 48 * 2**20 // 8  # every page read, through the mapping
+        after_mapped = sampler.sample()
+        heap = np.full(64 * 2**20 // 8, 2.0)
+        after_heap = sampler.sample()
+        del mapped, heap
+    assert after_mapped["file"] - before["file"] >= 40
+    assert after_heap["anonymous"] - after_mapped["anonymous"] >= 56
+    assert round(sampler.peak["anonymous"]) >= after_heap["anonymous"]

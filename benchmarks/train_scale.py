@@ -2,8 +2,10 @@
 
 Each run is a child process (its own peak RSS, from ``wait4``) that trains on the real catalog
 grown to N products by replicating real products under new ids with their real photos (each
-replica a file of its own with the same bytes: content hashing must make replicas cost no
-embedding), one epoch per stage. All runs share one state directory, so the first run fills the
+replica a file name of its own, a hard link to the real photo's bytes: content hashing must make
+replicas cost no embedding), one epoch per stage. ``--max-batches B`` caps every stage's epoch
+and validation pass at B batches (``FT_MAX_BATCHES_PER_EPOCH``): a memory figure for a catalog
+whose full epochs take hours; its wall time is not a full retrain's. All runs share one state directory, so the first run fills the
 feature store and the later ones show what a retrain re-embeds. ``--new-products K`` adds a run
 on the real catalog plus K new products whose photos the store has never seen (mirrored copies
 of real photos): it should embed exactly K photos (and one augmented view of each).
@@ -53,7 +55,10 @@ def scaled_catalog(products, size: int, photo_dir: Path, new_products: int = 0):
                 continue
             copy = photo_dir / f"{pid}.jpg"
             if not copy.exists():
-                shutil.copyfile(source, copy)
+                try:
+                    os.link(source, copy)  # same bytes under another name, without a million copies on disk
+                except OSError:
+                    shutil.copyfile(source, copy)
             paths.append(str(copy))
         frame["image_path"] = paths
     if new_products:
@@ -82,7 +87,8 @@ def child(args) -> int:
     from fashion_tagging.train import train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = get_settings(home=args.home, epochs=args.epochs, top_tune_epochs=args.epochs)
+    settings = get_settings(home=args.home, epochs=args.epochs, top_tune_epochs=args.epochs,
+                            max_batches_per_epoch=args.max_batches)
     text_expert.EPOCHS = args.epochs  # one epoch per stage, the text expert included
     started = time.perf_counter()
     products = load_kaggle_catalog(settings.data_dir).products
@@ -100,9 +106,11 @@ def child(args) -> int:
     return 0
 
 
-def run_child(home: str, size: int, epochs: int, new_products: int = 0, base: int | None = None) -> dict:
+def run_child(home: str, size: int, epochs: int, new_products: int = 0, base: int | None = None,
+              max_batches: int | None = None) -> dict:
     command = [sys.executable, __file__, "--child", str(size), "--home", home, "--epochs", str(epochs),
-               "--new-products", str(new_products), *(["--base", str(base)] if base else [])]
+               "--new-products", str(new_products), *(["--base", str(base)] if base else []),
+               *(["--max-batches", str(max_batches)] if max_batches else [])]
     log_path = Path(home) / f"train_scale_{size}_{new_products}.log"
     Path(home).mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -117,7 +125,8 @@ def run_child(home: str, size: int, epochs: int, new_products: int = 0, base: in
     embedded = [(int(photos), int(products)) for photos, products in EMBEDDED.findall(log_path.read_text())]
     return {**figures, "wall_seconds": round(wall, 1), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),
             "photos_embedded_per_pass": embedded, "photos_embedded": sum(p for p, _ in embedded),
-            "new_products": new_products, "epochs_per_stage": epochs, "cpu_count": os.cpu_count(), "log": str(log_path)}
+            "new_products": new_products, "epochs_per_stage": epochs, "max_batches_per_epoch": max_batches,
+            "cpu_count": os.cpu_count(), "log": str(log_path)}
 
 
 def main() -> int:
@@ -128,6 +137,8 @@ def main() -> int:
                         help="then a run on the real catalog plus this many products with never-seen photos")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--base", type=int, help="replicate a random sample of this many real products (a smoke run)")
+    parser.add_argument("--max-batches", type=int,
+                        help="cap every stage's epoch and validation pass at this many batches (a memory-only run)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="JSON the runs are merged into")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -138,8 +149,8 @@ def main() -> int:
     real = args.base or 44441
     plan = [(size, 0) for size in args.sizes] + ([(real, args.new_products)] if args.new_products else [])
     for size, new in plan:
-        run = run_child(args.home, size, args.epochs, new, args.base)
-        name = f"{size}+{new}" if new else str(size)
+        run = run_child(args.home, size, args.epochs, new, args.base, args.max_batches)
+        name = (f"{size}+{new}" if new else str(size)) + (f" capped at {args.max_batches} batches" if args.max_batches else "")
         runs[name] = run
         # Re-read before writing: another invocation may have added runs meanwhile.
         results = json.loads(args.results.read_text()) if args.results.is_file() else {}
@@ -154,7 +165,8 @@ def main() -> int:
     print("\n| products | new photos | wall | train (of which embedding) | peak RSS | photos embedded | artifact |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for run in runs.values():
-        print(f"| {run['products']:,} | {run['new_products']} | {run['wall_seconds'] / 60:.1f} min | "
+        capped = f" (epochs capped at {run['max_batches_per_epoch']} batches)" if run.get("max_batches_per_epoch") else ""
+        print(f"| {run['products']:,}{capped} | {run['new_products']} | {run['wall_seconds'] / 60:.1f} min | "
               f"{run['timings']['train_seconds']:.0f} s ({run['timings']['embedding_seconds']:.0f} s) | "
               f"{run['peak_rss_mib'] / 1024:.2f} GiB | {run['photos_embedded']} | "
               f"{run['artifact_bytes'] / 2**20:.0f} MiB, caches: {run['artifact_cache_files'] or 'none'} |")

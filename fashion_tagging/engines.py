@@ -193,19 +193,20 @@ def _decoded_photos(paths: list, size: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def build_cpu_exports(artifact_dir: Path, train_rows, val_rows, *, seed: int = 0, batch_size: int = 64,
-                      int8: bool = True) -> dict:
+                      int8: bool = True, tagger=None) -> dict:
     """Write the artifact's LiteRT exports (float32, and int8 calibrated on train photos) and decide int8.
 
     ``train_rows`` / ``val_rows``: catalog frames (``image_path``, ``text`` and the primary head's
     label). int8 ships only when its val articleType accuracy is within ``INT8_MAX_VAL_DROP`` of
     the float32 export's, measured by tagging val as a CPU worker would (hybrid blend included).
-    Returns (and writes as ``exports/exports.json``) the figures of that decision.
+    Returns (and writes as ``exports/exports.json``) the figures of that decision. ``tagger``: the
+    artifact already loaded with the Keras engine (else it is loaded here).
     """
     from fashion_tagging.artifacts import Tagger
 
     started = time.perf_counter()
     artifact_dir = Path(artifact_dir)
-    tagger = Tagger.load(artifact_dir, engine="keras")
+    tagger = tagger or Tagger.load(artifact_dir, engine="keras")
     size, primary = tagger.image_size, tagger.primary_head
     report: dict = {FLOAT32: {"file": export_path(artifact_dir, FLOAT32).name}}
     export_backbone(tagger.backbone, export_path(artifact_dir, FLOAT32))
@@ -237,21 +238,25 @@ def build_cpu_exports(artifact_dir: Path, train_rows, val_rows, *, seed: int = 0
 
 
 def _val_accuracy_per_export(tagger, artifact_dir: Path, rows, batch_size: int) -> dict[str, float]:
-    """Primary-head accuracy on ``rows`` with the backbone run by each LiteRT export."""
-    runners = {q: LiteRTBackbone(export_path(artifact_dir, q)) for q in (FLOAT32, INT8)}
-    vectors = {q: np.zeros((len(rows), IMAGE_EMBEDDING_DIM), np.float32) for q in runners}
+    """Primary-head accuracy on ``rows`` with the backbone run by each LiteRT export.
+
+    One export at a time, the photos decoded again for the second: two interpreters' buffers at
+    batch 64 held about 0.5 GiB at once.
+    """
     has_image = np.zeros(len(rows), dtype=bool)
     paths = rows["image_path"].tolist()
-    for start in range(0, len(rows), batch_size):
-        pixels, usable = _decoded_photos(paths[start:start + batch_size], tagger.image_size)
-        has_image[start:start + len(usable)] = usable
-        for quantization, run in runners.items():
-            vectors[quantization][start:start + len(usable)] = run(pixels.astype(np.float32))
     truth = rows[tagger.primary_head].to_numpy()
     labelled = truth != ""
     texts = rows["text"].fillna("").tolist()
     accuracy = {}
-    for quantization, embeddings in vectors.items():
+    for quantization in (FLOAT32, INT8):
+        run = LiteRTBackbone(export_path(artifact_dir, quantization))
+        embeddings = np.zeros((len(rows), IMAGE_EMBEDDING_DIM), np.float32)
+        for start in range(0, len(rows), batch_size):
+            pixels, usable = _decoded_photos(paths[start:start + batch_size], tagger.image_size)
+            has_image[start:start + len(usable)] = usable
+            embeddings[start:start + len(usable)] = run(pixels.astype(np.float32))
+        del run
         predicted = np.asarray(tagger.predict_embeddings(embeddings, has_image, texts, batch_size=batch_size * 2)
                                .labels[tagger.primary_head], dtype=object)
         accuracy[quantization] = float(np.mean(predicted[labelled] == truth[labelled])) if labelled.any() else 0.0

@@ -429,13 +429,14 @@ def tuned_embeddings(backbone, embeddings: ImageEmbeddings, batch_size: int) -> 
     """Replace the frozen photo vectors with a tuned last block's, computed from the stored activations.
 
     Once per distinct photo; products (and every ``rows`` of these embeddings) share the result.
+    ``batch_size`` photos at a time: the block's expanded activations are ~0.2 MB per photo.
     """
     from fashion_tagging.backbones import backbone_top
 
     if embeddings.photo_top_inputs is None or not len(embeddings.photo_vectors):
         return
     top = backbone_top(backbone)
-    for start in range(0, len(embeddings.photo_vectors), 1024):
-        chunk = slice(start, start + 1024)
+    for start in range(0, len(embeddings.photo_vectors), batch_size):
+        chunk = slice(start, start + batch_size)
         embeddings.photo_vectors[chunk] = np.asarray(
             top.predict_on_batch(embeddings.photo_top_inputs[chunk].astype(np.float32)), dtype=np.float32)

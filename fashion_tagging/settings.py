@@ -116,6 +116,10 @@ class Settings(BaseSettings):
         "top", description="Backbone fine-tuning: top = its last block on cached activations (fits a CPU), "
                            "full = its top 30 % end to end on pixels (a GPU job), none = frozen.")
     top_tune_epochs: int = Field(10, ge=1, description="Epochs of FT_FINE_TUNE=top fine-tuning.")
+    max_batches_per_epoch: int | None = Field(
+        None, ge=1, description="Cap on the batches of every training stage's epoch and validation pass: for "
+                                "measuring a retrain's memory at a catalog size whose full epochs take hours. "
+                                "Unset (the default) trains on every batch.")
     # Training sees each training photo also as this many augmented views (rotation, crop, mirror,
     # colour, grayscale, JPEG, low resolution: augment.py), embedded once and cached like the photo.
     augmented_views: int = Field(

@@ -33,7 +33,7 @@ import numpy as np
 import tensorflow as tf
 
 from fashion_tagging.augment import misspell
-from fashion_tagging.model import text_chunks
+from fashion_tagging.model import text_batches, text_chunks, texts_present
 from fashion_tagging.progress import epoch_logger
 
 VOCABULARY_SIZE = 50_000  # words and word pairs, fitted on train
@@ -196,26 +196,27 @@ def training_batches(rows: TrainingRows, labels: np.ndarray, *, batch_size: int,
     return tf.data.Dataset.from_generator(batches, output_signature=signature).prefetch(2)
 
 
-def fit_text_expert(texts: list[str], labels: np.ndarray, num_classes: int, *, seed: int,
-                    progress: bool = False, scratch_dir: Path | None = None) -> keras.Model | None:
+def fit_text_expert(texts, labels: np.ndarray, num_classes: int, *, seed: int,
+                    progress: bool = False, scratch_dir: Path | None = None,
+                    max_batches: int | None = None) -> keras.Model | None:
     """Train on the products that have a text and a label; returns a model from raw texts to probabilities.
 
-    None when no product qualifies. A product without text never trains it (and never gets
-    its vote at inference: see ``model.blend_primary``). The vectorized training texts live in a
+    ``texts``: a list or a pandas Series, read a chunk at a time (``model.text_batches``). None
+    when no product qualifies. A product without text never trains it (and never gets its vote
+    at inference: see ``model.blend_primary``). The vectorized training texts live in a
     temporary directory under ``scratch_dir`` (the system's temporary directory by default).
+    ``max_batches``: train on at most that many batches (``settings.max_batches_per_epoch``).
     """
-    texts = [t if isinstance(t, str) else "" for t in texts]
-    keep = np.array([bool(t.strip()) for t in texts]) & (np.asarray(labels) >= 0)
-    if not keep.any():
+    kept = np.flatnonzero(texts_present(texts) & (np.asarray(labels) >= 0))
+    if not len(kept):
         return None
-    texts = [t for t, k in zip(texts, keep, strict=True) if k]
-    labels = np.asarray(labels)[keep]
+    labels = np.asarray(labels)[kept]
     vectorizer = keras.layers.TextVectorization(max_tokens=VOCABULARY_SIZE, ngrams=NGRAMS, output_mode="tf_idf",
                                                 name="text_expert_tfidf")
-    vectorizer.adapt(text_chunks(texts, VECTORIZE_CHUNK))
+    vectorizer.adapt(text_chunks(texts, VECTORIZE_CHUNK, kept))
     char_vectorizer = keras.layers.TextVectorization(max_tokens=CHAR_VOCABULARY_SIZE, output_mode="int",
                                                      split=word_char_ngrams, name="text_expert_char_ngrams")
-    char_vectorizer.adapt(text_chunks(texts, VECTORIZE_CHUNK))
+    char_vectorizer.adapt(text_chunks(texts, VECTORIZE_CHUNK, kept))
 
     # Zero start, as usual for a linear softmax: an n-gram the training texts never show keeps no vote.
     word_votes = keras.layers.Dense(num_classes, kernel_initializer="zeros", name="text_expert_word_votes")
@@ -234,15 +235,16 @@ def fit_text_expert(texts: list[str], labels: np.ndarray, num_classes: int, *, s
                           name="text_expert_trainer")
     trainer.compile(optimizer=keras.optimizers.Adam(LEARNING_RATE), loss=keras.losses.SparseCategoricalCrossentropy())
     # Vocabularies come from the real texts; the classifier also sees a misspelled copy of each
-    # (rows len(texts) onwards), made a chunk at a time as the rows are written.
+    # (rows len(kept) onwards), made a chunk at a time as the rows are written.
     rng = np.random.default_rng(seed)
-    starts = range(0, len(texts), TRAINING_ROWS_CHUNK)
-    chunks = itertools.chain((texts[start:start + TRAINING_ROWS_CHUNK] for start in starts),
-                             ([misspell(t, TYPO_FRACTION, rng) for t in texts[start:start + TRAINING_ROWS_CHUNK]]
-                              for start in starts))
+    chunks = itertools.chain(text_batches(texts, TRAINING_ROWS_CHUNK, kept),
+                             ([misspell(t, TYPO_FRACTION, rng) for t in chunk]
+                              for chunk in text_batches(texts, TRAINING_ROWS_CHUNK, kept)))
     with tempfile.TemporaryDirectory(prefix="text-expert-", dir=scratch_dir) as directory:
         rows = vectorize_to_disk(vectorizer, char_vectorizer, chunks, Path(directory))
         data = training_batches(rows, np.concatenate([labels, labels]), batch_size=BATCH_SIZE, seed=seed)
+        if max_batches is not None:
+            data = data.take(max_batches)
         trainer.fit(data, epochs=EPOCHS, verbose=2 if progress else 0, callbacks=[epoch_logger("text expert", EPOCHS)])
         del rows, data  # the memory maps close before their files go
 

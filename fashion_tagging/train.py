@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import gc
+import itertools
 import logging
 import math
 import time
@@ -26,14 +28,15 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from fashion_tagging.artifacts import save_artifact
+from fashion_tagging.artifacts import Tagger, save_artifact
 from fashion_tagging.augment import AugmentedView
 from fashion_tagging.catalog import load_kaggle_catalog, with_clean_labels
 from fashion_tagging.images import photo_tensors
 from fashion_tagging.features import catalog_image_embeddings, photo_file_digests, tuned_embeddings
 from fashion_tagging.progress import ResidentMemorySampler, epoch_logger, peak_rss_mib
 from fashion_tagging.model import (AUXILIARY_HEADS, BLEND_SITUATIONS, MODES, OTHER_LABEL, LabelMap, TextEncoder,
-                                   build_head_model, choose_blend, compile_head_model, modality_view, model_inputs)
+                                   build_head_model, choose_blend, compile_head_model, modality_view, model_inputs,
+                                   text_batches, texts_present)
 from fashion_tagging.settings import HEADS, IMAGE_EMBEDDING_DIM, PRIMARY_HEAD, Settings
 from fashion_tagging.text_expert import fit_text_expert, predict_text_expert
 
@@ -151,7 +154,7 @@ def labelled_slices(features, labels: dict, *, training: bool, seed: int) -> tf.
     The arrays are held once, as constants, and the dataset (its shuffle buffer too) holds row
     numbers: each element is gathered when it is drawn. Slicing the arrays themselves copied every
     row into the dataset and again into a shuffle buffer as long as the catalog. Integer columns
-    are held as int32 where their values fit (token ids: half the memory) and gathered back as int64.
+    are held as int32 where their values fit (token ids: half the memory) and gathered as int64.
     """
     targets, weights = targets_and_weights(labels)
     columns = tf.nest.map_structure(_HeldColumn.of, (features, targets, weights))
@@ -173,11 +176,18 @@ class _HeldColumn:
     @classmethod
     def of(cls, values) -> "_HeldColumn":
         values = np.asarray(values)
+        if values.dtype == np.int32:  # already narrow (the token ids): gathered as int64 like the rest
+            return cls(tf.constant(values), tf.int64)
         narrow = values.dtype == np.int64 and (values.size == 0 or (values.min() >= -2**31 and values.max() < 2**31))
         return cls(tf.constant(values.astype(np.int32) if narrow else values), tf.as_dtype(values.dtype))
 
     def row(self, row) -> tf.Tensor:
         return tf.cast(tf.gather(self.held, row), self.dtype)
+
+
+def capped(dataset: tf.data.Dataset, batches: int | None) -> tf.data.Dataset:
+    """The first ``batches`` batches of each pass (``settings.max_batches_per_epoch``), or all of them."""
+    return dataset if batches is None else dataset.take(batches)
 
 
 def token_lengths(tokens: tf.Tensor) -> tf.Tensor:
@@ -230,6 +240,19 @@ def make_dataset(inputs: dict, labels: dict, *, batch_size: int, training: bool,
     return dataset.map(_trim_padding, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
 
+TRAINING_COLUMNS = ("id", "image_path", "text", "productDisplayName")  # with the heads': what training reads
+
+
+def training_split(products: pd.DataFrame, split: str) -> pd.DataFrame:
+    """One split's rows with only the columns training reads, labels cleaned (``with_clean_labels``).
+
+    The rest of a catalog's frame (the description, already in ``text``, and other attributes)
+    would be copied along for nothing: at a million products the frame is ~1.4 GB.
+    """
+    columns = [column for column in (*TRAINING_COLUMNS, *HEADS) if column in products.columns]
+    return with_clean_labels(products.loc[products["split"] == split, columns].reset_index(drop=True))
+
+
 def fit_heads(train_rows: pd.DataFrame, min_class_count: int) -> tuple[dict[str, LabelMap], dict[str, str]]:
     """The heads this catalog can train, from its ``train`` labels: (label maps, {left-out head: why}).
 
@@ -272,8 +295,8 @@ def gathered_inputs(products: pd.DataFrame, text: TextEncoder, embeddings) -> tu
     (``image_embedding_row``) and ``make_dataset`` gathers the rows of each batch from the table,
     so products sharing a photo share its vector.
     """
-    has_text = products["text"].fillna("").str.strip().ne("").to_numpy()
-    inputs = model_inputs(None, embeddings.has_image, text.encode(products["text"].tolist()), has_text)
+    inputs = model_inputs(None, embeddings.has_image, text.encode(products["text"], np.int32),
+                          texts_present(products["text"]))
     table, inputs["image_embedding_row"] = embeddings.gather_table()
     return inputs, {"image_embedding": table}
 
@@ -282,10 +305,10 @@ def title_lengths(products: pd.DataFrame, text: TextEncoder) -> np.ndarray:
     """Tokens of each product's title, which opens its text (``catalog.product_text``); 0 without one."""
     if "productDisplayName" not in products:
         return np.zeros(len(products), dtype=np.int64)
-    titles = [t if isinstance(t, str) else "" for t in products["productDisplayName"]]
-    lengths = np.concatenate([(text.encode(titles[start:start + 65536]) > 0).sum(axis=1)  # a chunk's tokens at a time
-                              for start in range(0, len(titles), 65536)] or [np.zeros(0)]).astype(np.int64)
-    return lengths * np.array([bool(t.strip()) for t in titles], dtype=np.int64)
+    lengths = np.zeros(len(products), dtype=np.int64)
+    for start, titles in zip(itertools.count(0, 65_536), text_batches(products["productDisplayName"], 65_536)):
+        lengths[start:start + len(titles)] = (text.encode(titles, np.int32) > 0).sum(axis=1)
+    return lengths * texts_present(products["productDisplayName"])
 
 
 def augmented_views(settings: Settings, rows: pd.DataFrame, embeddings, *, with_top_inputs: bool,
@@ -328,13 +351,54 @@ def train(
 
 def _train(settings: Settings, sampler: ResidentMemorySampler, *, products, epochs, output_dir, progress,
            fine_tune) -> TrainResult:
+    # The process's peak RSS after each stage: the stage that raised it is where memory goes.
+    memory, resident = {}, {}
+
+    def note_memory(stage: str) -> None:
+        memory[stage], resident[stage] = round(peak_rss_mib()), sampler.sample()
+
+    fitted = _fit_and_save(settings, note_memory, products=products, epochs=epochs, output_dir=output_dir,
+                           progress=progress, fine_tune=fine_tune)
+    # The choices below need only the saved artifact and the val sample: the training state (models,
+    # optimizer slots, datasets holding the token arrays) is gone by now, so the export, this stage's
+    # biggest allocation, reuses its memory instead of adding to it.
+    gc.collect()
+    tagger = Tagger.load(fitted.artifact_dir, engine="keras")  # one copy for the calibration and the exports
+    calibrate_chosen_model(fitted.artifact_dir, settings, fitted.decision_rows, fitted.decision_embeddings,
+                           fitted.train_rows[PRIMARY_HEAD].tolist(), tagger=tagger)
+    if fitted.mode != "full":  # CPU workers' engine; after "full" (a GPU job) exports are made on first use
+        from fashion_tagging.engines import build_cpu_exports
+
+        build_cpu_exports(fitted.artifact_dir, fitted.train_rows, fitted.decision_rows, seed=settings.seed,
+                          batch_size=settings.inference_batch_size, tagger=tagger)
+    note_memory("blend_calibration_export")
+    log.info("trained %s in %.0fs -> %s; peak RSS after each stage (MiB): %s; of which anonymous / file-backed: %s",
+             fitted.version, fitted.timings["train_seconds"], fitted.artifact_dir, memory, resident)
+    return TrainResult(fitted.artifact_dir, fitted.version, fitted.history, fitted.timings, memory, resident)
+
+
+@dataclasses.dataclass
+class _Fitted:
+    """What the steps after fitting need: the saved artifact and the val sample they decide on."""
+
+    artifact_dir: Path
+    version: str
+    history: dict
+    timings: dict
+    mode: str
+    train_rows: pd.DataFrame
+    decision_rows: pd.DataFrame
+    decision_embeddings: object  # this model's image embeddings of ``decision_rows``; None after "full"
+
+
+def _fit_and_save(settings: Settings, note_memory, *, products, epochs, output_dir, progress, fine_tune) -> _Fitted:
+    """Every training stage, then the artifact saved (without calibration and CPU exports)."""
     started = time.perf_counter()
     mode = fine_tune_mode(settings.fine_tune if fine_tune is None else fine_tune)
     keras.utils.set_random_seed(settings.seed)
     if products is None:
         products = load_kaggle_catalog(settings.data_dir).products
-    train_rows = with_clean_labels(products[products["split"] == "train"].reset_index(drop=True))
-    val_rows = with_clean_labels(products[products["split"] == "val"].reset_index(drop=True))
+    train_rows, val_rows = training_split(products, "train"), training_split(products, "val")
     if train_rows.empty or val_rows.empty:
         raise ValueError("training needs products in both the 'train' and 'val' splits")
 
@@ -342,12 +406,6 @@ def _train(settings: Settings, sampler: ResidentMemorySampler, *, products, epoc
     label_maps, heads_left_out = fit_heads(train_rows, settings.min_class_count)
     heads = tuple(label_maps)
     text = TextEncoder.fit(train_rows["text"], settings.max_text_tokens, settings.vocabulary_size)
-    # The process's peak RSS after each stage: the stage that raised it is where memory goes.
-    memory, resident = {}, {}
-
-    def note_memory(stage: str) -> None:
-        memory[stage], resident[stage] = round(peak_rss_mib()), sampler.sample()
-
     note_memory("catalog_and_vocabulary")
 
     t0 = time.perf_counter()
@@ -423,7 +481,8 @@ def _train(settings: Settings, sampler: ResidentMemorySampler, *, products, epoc
     t0 = time.perf_counter()
     fused_epochs = epochs or settings.epochs
     callbacks.append(epoch_logger("fused model", fused_epochs, f"{PRIMARY_HEAD}_acc"))
-    history = trainable.fit(train_data, validation_data=val_data, epochs=fused_epochs,
+    cap = settings.max_batches_per_epoch
+    history = trainable.fit(capped(train_data, cap), validation_data=capped(val_data, cap), epochs=fused_epochs,
                             callbacks=callbacks, verbose=2 if progress else 0)
     fit_seconds = time.perf_counter() - t0 + top_seconds
     if mode == "full":
@@ -439,9 +498,9 @@ def _train(settings: Settings, sampler: ResidentMemorySampler, *, products, epoc
     if mode != "full":  # "full" changed the backbone under the val embeddings: they no longer apply
         t0 = time.perf_counter()
         settings.cache_dir.mkdir(parents=True, exist_ok=True)
-        text_expert = fit_text_expert(train_rows["text"].tolist(), head_labels[PRIMARY_HEAD],
+        text_expert = fit_text_expert(train_rows["text"], head_labels[PRIMARY_HEAD],
                                       len(label_maps[PRIMARY_HEAD]), seed=settings.seed, progress=progress,
-                                      scratch_dir=settings.cache_dir)
+                                      scratch_dir=settings.cache_dir, max_batches=settings.max_batches_per_epoch)
         text_expert_seconds = time.perf_counter() - t0
         note_memory("text_expert")
         blend, blend_report = choose_primary_blend(model, expert, text_expert, decision_rows, text,
@@ -478,17 +537,8 @@ def _train(settings: Settings, sampler: ResidentMemorySampler, *, products, epoc
     }
     save_artifact(artifact_dir, model=model, text=text, label_maps=label_maps, config=config, history=history_dict,
                   backbone=backbone, image_expert=expert, text_expert=text_expert)
-    calibrate_chosen_model(artifact_dir, settings, decision_rows, None if mode == "full" else decision_embeddings,
-                           train_rows[PRIMARY_HEAD].tolist())
-    if mode != "full":  # CPU workers' engine; after "full" (a GPU job) exports are made on first use
-        from fashion_tagging.engines import build_cpu_exports
-
-        build_cpu_exports(artifact_dir, train_rows, decision_rows, seed=settings.seed,
-                          batch_size=settings.inference_batch_size)
-    note_memory("blend_calibration_export")
-    log.info("trained %s in %.0fs -> %s; peak RSS after each stage (MiB): %s; of which anonymous / file-backed: %s",
-             version, timings["train_seconds"], artifact_dir, memory, resident)
-    return TrainResult(artifact_dir, version, history_dict, timings, memory, resident)
+    return _Fitted(artifact_dir, version, history_dict, timings, mode, train_rows, decision_rows,
+                   None if mode == "full" else decision_embeddings)
 
 
 def val_decision_sample(val_products: int, seed: int) -> np.ndarray:
@@ -505,19 +555,19 @@ def val_decision_sample(val_products: int, seed: int) -> np.ndarray:
 
 
 def calibrate_chosen_model(artifact_dir: Path, settings: Settings, val_rows: pd.DataFrame, val_embeddings,
-                           train_labels: list[str]) -> dict:
+                           train_labels: list[str], *, tagger: Tagger | None = None) -> dict:
     """Fit the chosen model's calibration and review thresholds on val; adds ``calibration.json``.
 
-    The model is loaded as tagging loads it (hybrid blend included). ``val_embeddings``: this
-    model's val image embeddings, or None to compute them (after "full" fine-tuning the cached
-    ones belong to the frozen backbone).
+    The model is loaded (or ``tagger`` is that artifact loaded) as tagging loads it, hybrid blend
+    included. ``val_embeddings``: this model's val image embeddings, or None to compute them
+    (after "full" fine-tuning the cached ones belong to the frozen backbone).
     """
-    from fashion_tagging.artifacts import Tagger, write_calibration
+    from fashion_tagging.artifacts import write_calibration
     from fashion_tagging.calibration import calibrate_tagger
     from fashion_tagging.evaluate import split_embeddings
 
     started = time.perf_counter()
-    tagger = Tagger.load(artifact_dir)
+    tagger = tagger or Tagger.load(artifact_dir)
     if val_embeddings is None:
         val_embeddings = split_embeddings(tagger, artifact_dir, val_rows, settings)
     calibration = calibrate_tagger(tagger, val_rows, val_embeddings, settings, train_labels=train_labels)
@@ -594,9 +644,10 @@ def fine_tune_backbone(settings: Settings, head_model: keras.Model, text: TextEn
                             {head: outputs[head] for head in (*label_maps, *AUXILIARY_HEADS)})
     compile_head_model(composite, (*label_maps, *AUXILIARY_HEADS), FINE_TUNE_LEARNING_RATE)
     common = dict(text=text, label_maps=label_maps, size=settings.image_size, seed=settings.seed)
-    composite.fit(_pixel_dataset(train_rows, batch_size=settings.batch_size, training=True, **common),
-                  validation_data=_pixel_dataset(val_rows, batch_size=settings.inference_batch_size,
-                                                 training=False, **common),
+    cap = settings.max_batches_per_epoch
+    composite.fit(capped(_pixel_dataset(train_rows, batch_size=settings.batch_size, training=True, **common), cap),
+                  validation_data=capped(_pixel_dataset(val_rows, batch_size=settings.inference_batch_size,
+                                                        training=False, **common), cap),
                   epochs=settings.fine_tune_epochs, verbose=2 if progress else 0,
                   callbacks=[epoch_logger("backbone fine-tuning", settings.fine_tune_epochs, f"{PRIMARY_HEAD}_acc")])
     return backbone
@@ -671,13 +722,14 @@ def tune_backbone_top(settings: Settings, backbone: keras.Model, label_maps: dic
     warm = keras.Model(embedding, {head: layer(dropout(embedding)) for head, layer in classifiers.items()},
                        name="image_expert_warmup")
     common = dict(batch_size=settings.batch_size, seed=settings.seed)
-    train_data = _top_dataset(train_top, train_labels, training=True, views=train_views, **common)
-    val_data = _top_dataset(val_top, val_labels, training=False, **common)
+    cap = settings.max_batches_per_epoch
+    train_data = capped(_top_dataset(train_top, train_labels, training=True, views=train_views, **common), cap)
+    val_data = capped(_top_dataset(val_top, val_labels, training=False, **common), cap)
     verbose = 2 if progress else 0
 
     compile_head_model(warm, tuple(label_maps), TOP_TUNE_WARMUP_LEARNING_RATE)
-    warmup = warm.fit(_vector_dataset(train_pooled, train_labels, training=True, **common),
-                      validation_data=_vector_dataset(val_pooled, val_labels, training=False, **common),
+    warmup = warm.fit(capped(_vector_dataset(train_pooled, train_labels, training=True, **common), cap),
+                      validation_data=capped(_vector_dataset(val_pooled, val_labels, training=False, **common), cap),
                       epochs=1, verbose=verbose,
                       callbacks=[epoch_logger("backbone last block warm-up", 1, f"{PRIMARY_HEAD}_acc")])
 

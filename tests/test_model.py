@@ -27,6 +27,25 @@ def test_text_encoder_pads_to_fixed_length_and_marks_empty_text():
     assert tokens[1, 0] == 1 and not tokens[1, 1:].any()  # empty text: one OOV token, never fully masked
 
 
+def test_texts_are_read_from_a_catalog_column_a_batch_at_a_time():
+    """A Series (Arrow-backed, as the catalog loads it) and a list read alike, in batches, missing as ""."""
+    import pandas as pd
+
+    from fashion_tagging.model import text_batches, texts_present
+
+    texts = ["blue cotton tshirt", None, "black leather shoes", "  ", "red dress"]
+    series = pd.Series(texts, dtype="string")
+    assert list(text_batches(series, 2)) == [["blue cotton tshirt", ""], ["black leather shoes", "  "], ["red dress"]]
+    assert list(text_batches(texts, 2)) == list(text_batches(series, 2))
+    positions = np.array([4, 0])
+    assert list(text_batches(series, 1, positions)) == list(text_batches(texts, 1, positions)) == [["red dress"],
+                                                                                                  ["blue cotton tshirt"]]
+    assert texts_present(series).tolist() == [True, False, True, False, True]
+    encoder = TextEncoder.fit(series, sequence_length=8, max_tokens=50)
+    wide, narrow = encoder.encode(texts), encoder.encode(series, np.int32)
+    assert wide.dtype == np.int64 and narrow.dtype == np.int32 and np.array_equal(wide, narrow)
+
+
 def test_head_model_has_every_head_and_the_product_embedding():
     model = build_head_model({"articleType": 7, "gender": 3}, vocabulary_size=50)
     outputs = model({"image_embedding": np.zeros((2, 1280), "float32"), "has_image": np.ones((2, 1), "float32"),

@@ -16,7 +16,7 @@ DEFAULTS = {
     "catalog_prefix": "catalog/", "images_prefix": "images/", "models_prefix": "models/", "s3_max_concurrency": 16,
     "backbone": "efficientnet-lite0", "image_size": 224, "max_text_tokens": 100, "vocabulary_size": 20000,
     "epochs": 12, "batch_size": 64, "learning_rate": 1e-3, "seed": 42, "fine_tune_epochs": 2, "fine_tune": "top",
-    "top_tune_epochs": 10, "augmented_views": 1, "min_class_count": 3,
+    "top_tune_epochs": 10, "max_batches_per_epoch": None, "augmented_views": 1, "min_class_count": 3,
     "inference_engine": "auto", "inference_batch_size": 128, "tagging_batch_size": 250, "tagging_task_min_products": 1000, "tagging_max_tasks": 64,
     "tagging_task_max_products": 50000, "top_k": 3,
     "nightly_cron": "0 2 * * *", "retrain_cron": "0 4 * * 0", "gpu_queue": "gpu", "gpu_pool": "gpu",

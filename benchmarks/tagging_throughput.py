@@ -37,6 +37,36 @@ RESULTS = ROOT / "benchmarks" / "results"
 SIMILAR_QUERIES = 200
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds every core of the machine has spent busy since boot (``/proc/stat``): our process,
+    the PostgreSQL server and anything else running. Differences of it over a phase, against the
+    phase's wall time x cores, say whether the cores were kept busy and how much work the phase was."""
+    fields = [int(v) for v in open("/proc/stat").readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+class PhaseCpu:
+    """Wall time and machine-wide busy CPU seconds of a phase, summed over every ``with`` of it."""
+
+    def __init__(self):
+        self.busy = self.wall = 0.0
+
+    def __enter__(self):
+        self._started = machine_busy_seconds(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.busy += machine_busy_seconds() - self._started[0]
+        self.wall += time.perf_counter() - self._started[1]
+
+    def figures(self, products: int) -> dict:
+        cores = os.cpu_count() or 1
+        return {"wall_seconds": round(self.wall, 1), "busy_core_seconds": round(self.busy, 1),
+                "cores_busy_fraction": round(self.busy / (self.wall * cores), 3),
+                "busy_core_ms_per_product": round(self.busy / max(products, 1) * 1000, 2)}
+
+
 def similar_products_latency(engine, ids: list[int], similar_products) -> dict:
     """p50/p95 of the k=10 similar-products query over the embeddings this run just wrote."""
     import random
@@ -118,7 +148,9 @@ def measure(args, settings) -> int:
         return len(sample) / (time.perf_counter() - tick)
 
     raw_model_rate()  # warm-up: graph tracing for every batch shape is not throughput
-    raw_per_second = raw_model_rate()
+    with PhaseCpu() as raw_cpu:
+        raw_per_second = raw_model_rate()
+    e2e_cpu = PhaseCpu()
 
     # Runs until the model serves: one run when the catalog fits FT_TAGGING_MAX_TASKS tasks (the usual
     # case here), several otherwise, exactly as the DAG continues a backlog.
@@ -131,8 +163,9 @@ def measure(args, settings) -> int:
         planned = pipeline.plan_tagging_run(settings, discovered)
         plan_seconds += time.perf_counter() - tick
         tick = time.perf_counter()
-        results += [tag_work_batch(d["batch_id"], settings=settings, run_id=run_id, engine=engine, tagger=tagger)
-                    for d in planned]
+        with e2e_cpu:
+            results += [tag_work_batch(d["batch_id"], settings=settings, run_id=run_id, engine=engine, tagger=tagger)
+                        for d in planned]
         e2e_seconds += time.perf_counter() - tick
         tick = time.perf_counter()
         summary = pipeline.finish_tagging_run(settings, discovered)
@@ -158,6 +191,9 @@ def measure(args, settings) -> int:
         "end_to_end_products_per_second": round(tagged / e2e_seconds, 1),
         "ratio_end_to_end_to_raw": round(tagged / e2e_seconds / raw_per_second, 3),
         "end_to_end_seconds": round(e2e_seconds, 1), "stage_seconds": stages,
+        # Machine-wide busy CPU (this process, PostgreSQL, anything else) over each phase: whether the
+        # cores were kept busy, and the work per product beyond the model's (decode, fetch, write, server).
+        "cpu": {"raw_model": raw_cpu.figures(len(sample)), "end_to_end": e2e_cpu.figures(tagged)},
         "runs": len(runs), "batches": len(descriptors), "discover_plan_seconds": round(plan_seconds, 2),
         "finish_seconds": round(finish_seconds, 2),
         "activation": {k: v for k, v in summary["activated"].items() if k != "version"},

@@ -261,3 +261,13 @@ def test_choices_after_fitting_use_a_bounded_sample_of_val():
     sample = val_decision_sample(10 * VAL_DECISION_PRODUCTS, seed=0)
     assert len(sample) == VAL_DECISION_PRODUCTS and np.all(np.diff(sample) > 0)  # distinct rows, in val order
     assert np.array_equal(sample, val_decision_sample(10 * VAL_DECISION_PRODUCTS, seed=0))
+
+
+def test_max_batches_per_epoch_caps_every_pass_and_unset_caps_none():
+    import tensorflow as tf
+
+    from fashion_tagging.train import capped
+
+    batches = tf.data.Dataset.range(10).batch(2)
+    assert [len(b) for b in capped(batches, 3)] == [2, 2, 2]
+    assert len(list(capped(batches, None))) == len(list(capped(batches, 50))) == 5

@@ -485,6 +485,10 @@ def _fit_and_save(settings: Settings, note_memory, *, products, epochs, output_d
     history = trainable.fit(capped(train_data, cap), validation_data=capped(val_data, cap), epochs=fused_epochs,
                             callbacks=callbacks, verbose=2 if progress else 0)
     fit_seconds = time.perf_counter() - t0 + top_seconds
+    # The stage-2 inputs (token ids and their constants: ~0.6 GB at a million products) go before the
+    # text expert and the export, which need none of them.
+    del train_data, val_data, train_inputs, val_inputs, train_tables, val_tables
+    gc.collect()
     if mode == "full":
         t0 = time.perf_counter()
         backbone = fine_tune_backbone(settings, model, text, label_maps, train_rows, val_rows, progress=progress)

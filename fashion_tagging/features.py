@@ -156,7 +156,11 @@ class ImageEmbeddings:
     def gather_table(self) -> tuple[np.ndarray, np.ndarray]:
         """(the photo vectors plus a final zero row, each product's row in it): for per-batch gathers."""
         table = np.concatenate([self.photo_vectors, np.zeros((1, self.photo_vectors.shape[1]), np.float32)])
-        return table, np.where(self.has_image, self.photo_rows, len(self.photo_vectors))
+        return table, self.table_rows()
+
+    def table_rows(self) -> np.ndarray:
+        """Each product's row in :meth:`gather_table`'s table (the final zero row without a photo)."""
+        return np.where(self.has_image, self.photo_rows, len(self.photo_vectors))
 
     def rows(self, selection) -> "ImageEmbeddings":
         """The embeddings of some of the requested products (errors follow their product).

@@ -212,15 +212,16 @@ def make_dataset(inputs: dict, labels: dict, *, batch_size: int, training: bool,
                  tables: dict[str, np.ndarray] | None = None) -> tf.data.Dataset:
     """Batched (inputs, targets, sample weights), shuffled with modality dropout when training.
 
-    ``tables``: input name -> a table whose rows the products share; the inputs then hold each
-    product's row (``<name>_row``), looked up per product as the data streams.
+    ``tables``: input name -> a table (an array, or a tensor that datasets share) whose rows the
+    products share; the inputs then hold each product's row (``<name>_row``), looked up per
+    product as the data streams.
 
     Training batches group texts of similar length (buckets ``TEXT_BUCKET_WIDTH`` tokens wide)
     so trimming their padding shortens the LSTM: 45 % of catalog texts are under 100 tokens.
     """
     dataset = labelled_slices(inputs, labels, training=training, seed=seed)
     if tables:
-        constants = {name: tf.constant(table) for name, table in tables.items()}
+        constants = {name: tf.convert_to_tensor(table) for name, table in tables.items()}  # a tensor: as is
 
         def look_up(x, y, w):
             x = dict(x)
@@ -288,17 +289,27 @@ def fit_heads(train_rows: pd.DataFrame, min_class_count: int) -> tuple[dict[str,
     return label_maps, left_out
 
 
-def gathered_inputs(products: pd.DataFrame, text: TextEncoder, embeddings) -> tuple[dict, dict]:
-    """Model inputs for a frame of products (aligned with the embeddings' product ids), and their tables.
+def gathered_inputs(products: pd.DataFrame, text: TextEncoder, embeddings) -> dict:
+    """Model inputs for a frame of products (aligned with the embeddings' product ids).
 
     The image embedding is not copied per product: each product carries its photo's row
-    (``image_embedding_row``) and ``make_dataset`` gathers the rows of each batch from the table,
-    so products sharing a photo share its vector.
+    (``image_embedding_row``) and ``make_dataset`` gathers the rows of each batch from the
+    embeddings' :func:`photo_table`, so products sharing a photo share its vector.
     """
     inputs = model_inputs(None, embeddings.has_image, text.encode(products["text"], np.int32),
                           texts_present(products["text"]))
-    table, inputs["image_embedding_row"] = embeddings.gather_table()
-    return inputs, {"image_embedding": table}
+    inputs["image_embedding_row"] = embeddings.table_rows()
+    return inputs
+
+
+def photo_table(embeddings) -> tf.Tensor:
+    """The embeddings' photo vectors plus a final zero row (products without a photo), as one constant.
+
+    Built once and shared by every dataset that gathers from these photo vectors (train and val
+    products index the same ones): a table per dataset, and its numpy copy kept beside it, held
+    about 1.2 GB more while the real catalog's fused model trained.
+    """
+    return tf.constant(embeddings.gather_table()[0])
 
 
 def title_lengths(products: pd.DataFrame, text: TextEncoder) -> np.ndarray:
@@ -457,14 +468,17 @@ def _fit_and_save(settings: Settings, note_memory, *, products, epochs, output_d
 
     train_labels = with_auxiliary_labels(head_labels)
     val_labels = with_auxiliary_labels(val_head_labels)
-    train_inputs, train_tables = gathered_inputs(train_rows, text, train_embeddings)
+    train_inputs = gathered_inputs(train_rows, text, train_embeddings)
     train_inputs["title_length"] = title_lengths(train_rows, text)
+    photos = photo_table(embeddings)  # train and val products' rows index the same photo vectors
+    train_tables = {"image_embedding": photos}
     if train_views:  # stage 2 sees the first view (one more table of the pooled vectors per view is not worth it)
-        train_tables["augmented_image_embedding"], train_inputs["augmented_image_embedding_row"] = \
-            train_views[0].gather_table()
+        train_tables["augmented_image_embedding"] = photo_table(train_views[0])
+        train_inputs["augmented_image_embedding_row"] = train_views[0].table_rows()
     train_data = make_dataset(train_inputs, train_labels, batch_size=settings.batch_size, training=True,
                               seed=settings.seed, tables=train_tables)
-    val_inputs, val_tables = gathered_inputs(val_rows, text, val_embeddings)
+    val_inputs = gathered_inputs(val_rows, text, val_embeddings)
+    val_tables = {"image_embedding": photos}
     val_data = make_dataset(val_inputs, val_labels, batch_size=settings.inference_batch_size, training=False,
                             seed=settings.seed, tables=val_tables)
 
@@ -487,7 +501,7 @@ def _fit_and_save(settings: Settings, note_memory, *, products, epochs, output_d
     fit_seconds = time.perf_counter() - t0 + top_seconds
     # The stage-2 inputs (token ids and their constants: ~0.6 GB at a million products) go before the
     # text expert and the export, which need none of them.
-    del train_data, val_data, train_inputs, val_inputs, train_tables, val_tables
+    del train_data, val_data, train_inputs, val_inputs, train_tables, val_tables, photos
     gc.collect()
     if mode == "full":
         t0 = time.perf_counter()
@@ -688,11 +702,10 @@ def _top_dataset(top_inputs: np.ndarray, labels: dict, *, batch_size: int, train
     return dataset.batch(batch_size).map(prepare, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
 
-def _vector_dataset(embeddings, labels: dict, *, batch_size: int, training: bool, seed: int):
-    """(pooled embeddings, labels, weights) for the stage-1 warm-up, gathered per batch from the photo table."""
-    table, rows = embeddings.gather_table()
-    table = tf.constant(table)
-    dataset = labelled_slices(rows, labels, training=training, seed=seed).batch(batch_size)
+def _vector_dataset(embeddings, labels: dict, *, batch_size: int, training: bool, seed: int, table: tf.Tensor):
+    """(pooled embeddings, labels, weights) for the stage-1 warm-up, gathered per batch from the
+    embeddings' :func:`photo_table` (``table``)."""
+    dataset = labelled_slices(embeddings.table_rows(), labels, training=training, seed=seed).batch(batch_size)
     return dataset.map(lambda r, y, w: (tf.gather(table, r), y, w)).prefetch(tf.data.AUTOTUNE)
 
 
@@ -732,8 +745,13 @@ def tune_backbone_top(settings: Settings, backbone: keras.Model, label_maps: dic
     verbose = 2 if progress else 0
 
     compile_head_model(warm, tuple(label_maps), TOP_TUNE_WARMUP_LEARNING_RATE)
-    warmup = warm.fit(capped(_vector_dataset(train_pooled, train_labels, training=True, **common), cap),
-                      validation_data=capped(_vector_dataset(val_pooled, val_labels, training=False, **common), cap),
+    if val_pooled.photo_vectors is not train_pooled.photo_vectors:
+        raise ValueError("train and val pooled embeddings must share their photo vectors (one table)")
+    pooled_table = photo_table(train_pooled)
+    warmup = warm.fit(capped(_vector_dataset(train_pooled, train_labels, training=True, table=pooled_table, **common),
+                             cap),
+                      validation_data=capped(_vector_dataset(val_pooled, val_labels, training=False,
+                                                             table=pooled_table, **common), cap),
                       epochs=1, verbose=verbose,
                       callbacks=[epoch_logger("backbone last block warm-up", 1, f"{PRIMARY_HEAD}_acc")])
 

@@ -50,8 +50,9 @@ UNEXPECTED_FAILURE = "cannot decode image: unexpected decode failure"
 # Rows gathered per step when materializing pooled vectors: bounds the float16 staging copy.
 GATHER_CHUNK = 65536
 # Photos per backbone call of the embedding pass on a CPU. Measured on 1,024 photos at 224 px with
-# the last block's inputs kept (a one-off probe): batch 128 peaked at 2.7 GiB, 32 at 0.95 GiB, at
-# the same speed. A GPU keeps the activations in its own memory and gets the requested batch.
+# the last block's inputs kept (a one-off probe, on shared cores): batch 128 peaked at 2.7 GiB, 32 at
+# 0.95 GiB and was no slower (33-34 img/s against 25-34). A GPU keeps the activations in its own
+# memory and gets the requested batch.
 CPU_EMBEDDING_BATCH = 32
 
 

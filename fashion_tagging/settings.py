@@ -136,7 +136,9 @@ class Settings(BaseSettings):
         "auto", description="Where tagging runs the image backbone: litert = its LiteRT export with XNNPACK (int8 when "
                             "training shipped it), keras = TensorFlow/Keras (mixed precision on a GPU); auto = keras "
                             "where TensorFlow sees a GPU, else litert.")
-    inference_batch_size: int = Field(128, ge=1, description="Batch size of prediction (tagging, evaluation).")
+    inference_batch_size: int = Field(128, ge=1, description="Batch size of prediction (tagging, evaluation); "
+                                                               "a CPU embeds photos for the feature store at most "
+                                                               "32 at a time.")
     # Products per transaction of a tagging task (its commit and resume unit). A task pipelines
     # its transactions (reads the next and writes the previous while one is inferred); only its
     # first read and last write stand alone, so a task spans several transactions.

@@ -42,15 +42,20 @@ INT8_MAX_VAL_DROP = 0.002  # articleType accuracy on val, float32 export minus i
 CALIBRATION_PHOTOS = 300  # train photos the int8 converter sees to fix its activation ranges
 
 
+def gpu_visible() -> bool:
+    """Whether TensorFlow sees a GPU: what decides the engine and the embedding pass's batch."""
+    import tensorflow as tf
+
+    return bool(tf.config.list_physical_devices("GPU"))
+
+
 def resolve_engine(choice: str) -> str:
     """``auto``: Keras where TensorFlow sees a GPU, LiteRT on CPU-only workers."""
     if choice not in ENGINE_CHOICES:
         raise ValueError(f"unknown inference engine {choice!r}: choose one of {ENGINE_CHOICES}")
     if choice != "auto":
         return choice
-    import tensorflow as tf
-
-    return "keras" if tf.config.list_physical_devices("GPU") else "litert"
+    return "keras" if gpu_visible() else "litert"
 
 
 def export_path(artifact_dir: Path, quantization: str) -> Path:

@@ -154,10 +154,9 @@ class ImageEmbeddings:
         out[has_image] = self.photo_vectors[self.photo_rows[has_image]]
         return out
 
-    def gather_table(self) -> tuple[np.ndarray, np.ndarray]:
-        """(the photo vectors plus a final zero row, each product's row in it): for per-batch gathers."""
-        table = np.concatenate([self.photo_vectors, np.zeros((1, self.photo_vectors.shape[1]), np.float32)])
-        return table, self.table_rows()
+    def gather_table(self) -> np.ndarray:
+        """The photo vectors plus a final zero row, for per-batch gathers (each product's row: :meth:`table_rows`)."""
+        return np.concatenate([self.photo_vectors, np.zeros((1, self.photo_vectors.shape[1]), np.float32)])
 
     def table_rows(self) -> np.ndarray:
         """Each product's row in :meth:`gather_table`'s table (the final zero row without a photo)."""
@@ -335,9 +334,9 @@ def embed_image_files(paths: list[str], backbone, image_size: int, batch_size: i
 
 def embedding_batch_size(requested: int) -> int:
     """The embedding pass's batch: ``requested`` where TensorFlow sees a GPU, else at most ``CPU_EMBEDDING_BATCH``."""
-    import tensorflow as tf
+    from fashion_tagging.engines import gpu_visible
 
-    return requested if tf.config.list_physical_devices("GPU") else min(requested, CPU_EMBEDDING_BATCH)
+    return requested if gpu_visible() else min(requested, CPU_EMBEDDING_BATCH)
 
 
 def catalog_image_embeddings(

@@ -87,6 +87,11 @@ def texts_present(texts) -> np.ndarray:
                        dtype=bool, count=len(texts))
 
 
+def capped(dataset: tf.data.Dataset, batches: int | None) -> tf.data.Dataset:
+    """The first ``batches`` batches of each pass (``settings.max_batches_per_epoch``), or all of them."""
+    return dataset if batches is None else dataset.take(batches)
+
+
 def text_chunks(texts, size: int = 2048, positions: np.ndarray | None = None) -> tf.data.Dataset:
     """:func:`text_batches` as a dataset (for ``adapt``): ``from_tensor_slices`` would first copy every
     text into one tensor."""

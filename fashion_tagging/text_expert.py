@@ -33,7 +33,7 @@ import numpy as np
 import tensorflow as tf
 
 from fashion_tagging.augment import misspell
-from fashion_tagging.model import text_batches, text_chunks, texts_present
+from fashion_tagging.model import capped, text_batches, text_chunks, texts_present
 from fashion_tagging.progress import epoch_logger
 
 VOCABULARY_SIZE = 50_000  # words and word pairs, fitted on train
@@ -242,9 +242,8 @@ def fit_text_expert(texts, labels: np.ndarray, num_classes: int, *, seed: int,
                               for chunk in text_batches(texts, TRAINING_ROWS_CHUNK, kept)))
     with tempfile.TemporaryDirectory(prefix="text-expert-", dir=scratch_dir) as directory:
         rows = vectorize_to_disk(vectorizer, char_vectorizer, chunks, Path(directory))
-        data = training_batches(rows, np.concatenate([labels, labels]), batch_size=BATCH_SIZE, seed=seed)
-        if max_batches is not None:
-            data = data.take(max_batches)
+        data = capped(training_batches(rows, np.concatenate([labels, labels]), batch_size=BATCH_SIZE, seed=seed),
+                      max_batches)
         trainer.fit(data, epochs=EPOCHS, verbose=2 if progress else 0, callbacks=[epoch_logger("text expert", EPOCHS)])
         del rows, data  # the memory maps close before their files go
 

@@ -35,7 +35,8 @@ from fashion_tagging.images import photo_tensors
 from fashion_tagging.features import catalog_image_embeddings, photo_file_digests, tuned_embeddings
 from fashion_tagging.progress import ResidentMemorySampler, epoch_logger, peak_rss_mib
 from fashion_tagging.model import (AUXILIARY_HEADS, BLEND_SITUATIONS, MODES, OTHER_LABEL, LabelMap, TextEncoder,
-                                   build_head_model, choose_blend, compile_head_model, modality_view, model_inputs,
+                                   build_head_model, capped, choose_blend, compile_head_model, modality_view,
+                                   model_inputs,
                                    text_batches, texts_present)
 from fashion_tagging.settings import HEADS, IMAGE_EMBEDDING_DIM, PRIMARY_HEAD, Settings
 from fashion_tagging.text_expert import fit_text_expert, predict_text_expert
@@ -185,11 +186,6 @@ class _HeldColumn:
         return tf.cast(tf.gather(self.held, row), self.dtype)
 
 
-def capped(dataset: tf.data.Dataset, batches: int | None) -> tf.data.Dataset:
-    """The first ``batches`` batches of each pass (``settings.max_batches_per_epoch``), or all of them."""
-    return dataset if batches is None else dataset.take(batches)
-
-
 def token_lengths(tokens: tf.Tensor) -> tf.Tensor:
     """Tokens before the padding (padding is id 0 and only ever trails)."""
     return tf.reduce_sum(tf.cast(tokens > 0, tf.int32), axis=-1)
@@ -309,7 +305,7 @@ def photo_table(embeddings) -> tf.Tensor:
     products index the same ones): with a table per dataset, and its numpy copy kept beside it, the
     real catalog's fused-model stage peaked at 3.4 GiB of heap instead of 2.6.
     """
-    return tf.constant(embeddings.gather_table()[0])
+    return tf.constant(embeddings.gather_table())
 
 
 def title_lengths(products: pd.DataFrame, text: TextEncoder) -> np.ndarray:

@@ -266,7 +266,7 @@ def test_choices_after_fitting_use_a_bounded_sample_of_val():
 def test_max_batches_per_epoch_caps_every_pass_and_unset_caps_none():
     import tensorflow as tf
 
-    from fashion_tagging.train import capped
+    from fashion_tagging.model import capped
 
     batches = tf.data.Dataset.range(10).batch(2)
     assert [len(b) for b in capped(batches, 3)] == [2, 2, 2]

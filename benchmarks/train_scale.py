@@ -90,18 +90,24 @@ def child(args) -> int:
     settings = get_settings(home=args.home, epochs=args.epochs, top_tune_epochs=args.epochs,
                             max_batches_per_epoch=args.max_batches)
     text_expert.EPOCHS = args.epochs  # one epoch per stage, the text expert included
-    started = time.perf_counter()
-    products = load_kaggle_catalog(settings.data_dir).products
-    if args.base:
-        products = products.sample(args.base, random_state=0)
-    frame = scaled_catalog(products, args.child, Path(args.home) / "replica-photos", args.new_products)
-    catalog_seconds = time.perf_counter() - started
-    result = train(settings, products=frame, epochs=args.epochs, progress=False)
+    catalog = {}
+
+    def grown_catalog():
+        """Loaded inside ``train``, as the retrain DAG's snapshot is: the frame is not held beside training."""
+        started = time.perf_counter()
+        products = load_kaggle_catalog(settings.data_dir).products
+        if args.base:
+            products = products.sample(args.base, random_state=0)
+        frame = scaled_catalog(products, args.child, Path(args.home) / "replica-photos", args.new_products)
+        catalog.update(products=len(frame), seconds=round(time.perf_counter() - started, 1))
+        return frame
+
+    result = train(settings, products=grown_catalog, epochs=args.epochs, progress=False)
     artifact_bytes, caches = artifact_footprint(result.artifact_dir)
-    print(json.dumps({"products": len(frame), "version": result.version, "timings": result.timings,
+    print(json.dumps({"products": catalog["products"], "version": result.version, "timings": result.timings,
                       "peak_rss_mib_after": result.peak_rss_mib_after,
                       "resident_peaks_mib_after": result.resident_peaks_mib_after,
-                      "catalog_seconds": round(catalog_seconds, 1), "artifact_bytes": artifact_bytes,
+                      "catalog_seconds": catalog["seconds"], "artifact_bytes": artifact_bytes,
                       "artifact_cache_files": caches}))
     return 0
 

@@ -434,8 +434,9 @@ def train_model(settings: Settings, params: dict, snapshot: dict) -> dict:
 
     settings = candidate_settings(settings, params)
     mode = fine_tune_mode(params["fine_tune"] if params.get("fine_tune") is not None else settings.fine_tune)
-    frame = load_snapshot(settings, snapshot, ("train", "val"))
-    result = train(settings, products=frame, epochs=settings.epochs, progress=False, fine_tune=mode)
+    # Loaded by train itself, so the snapshot's frame goes once it has taken the columns it trains on.
+    result = train(settings, products=lambda: load_snapshot(settings, snapshot, ("train", "val")),
+                   epochs=settings.epochs, progress=False, fine_tune=mode)
     review_labels = snapshot.get(REVIEW_LABELS_KEY) or {}
     record_in_artifact(result.artifact_dir, review_labels)  # config.json says which reviewed labels it learnt
     log.info("%s trained with %d reviewed labels (%d corrections)", result.version, review_labels.get("labels", 0),

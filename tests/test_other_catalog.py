@@ -170,6 +170,35 @@ def test_no_primary_labels_fails_before_any_photo_is_embedded(other_catalog, tmp
         train_module.train(settings, products=products.drop(columns=["articleType"]), progress=False)
 
 
+def test_a_catalog_train_loads_itself_is_released_once_split(other_catalog, tmp_path, monkeypatch):
+    """Given a loader rather than a frame, training keeps only the columns it reads: the catalog frame
+    is gone before the first photo is embedded (at a million products it is ~1.5 GB)."""
+    import gc
+    import weakref
+
+    import fashion_tagging.train as train_module
+    from fashion_tagging.catalog import load_kaggle_catalog
+
+    loaded = []
+
+    def catalog():
+        frame = load_kaggle_catalog(other_catalog).products
+        loaded.append(weakref.ref(frame))
+        return frame
+
+    class Embedding(Exception):
+        pass
+
+    def embedding(*args, **kwargs):
+        gc.collect()
+        assert len(loaded) == 1 and loaded[0]() is None, "the catalog frame outlived the split"
+        raise Embedding
+
+    monkeypatch.setattr(train_module, "catalog_image_embeddings", embedding)
+    with pytest.raises(Embedding):
+        train_module.train(_settings(tmp_path / "home", other_catalog), products=catalog, progress=False)
+
+
 def test_heads_come_from_the_train_labels():
     import pandas as pd
 

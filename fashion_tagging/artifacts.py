@@ -229,7 +229,9 @@ class Tagger:
         rows = np.flatnonzero(present)
         for start in range(0, len(rows), batch_size):
             chunk = rows[start:start + batch_size]
-            pixels = np.stack([to_model_size(images[i], self.image_size) for i in chunk]).astype(np.float32)
+            pixels = np.empty((len(chunk), self.image_size, self.image_size, 3), dtype=np.float32)
+            for slot, i in enumerate(chunk):  # converted as copied: no uint8 batch in between
+                pixels[slot] = to_model_size(images[i], self.image_size)
             vectors[chunk] = np.asarray(self.embed_pixels(pixels), dtype=np.float32)
         return vectors, present
 

@@ -216,10 +216,12 @@ def _fit(image: Image.Image, size: int) -> np.ndarray:
     width, height = image.size
     scale = min(size / height, size / width)
     new_width, new_height = max(1, round(width * scale)), max(1, round(height * scale))
-    image = image.resize((new_width, new_height), Image.Resampling.BILINEAR)
-    canvas = Image.new("RGB", (size, size), (int(PAD_VALUE),) * 3)
-    canvas.paste(image, ((size - new_width) // 2, (size - new_height) // 2))
-    return np.asarray(canvas, dtype=np.uint8)
+    resized = np.asarray(image.resize((new_width, new_height), Image.Resampling.BILINEAR), dtype=np.uint8)
+    # Padded in numpy: the same pixels as pasting onto a white Pillow canvas, one copy fewer.
+    fitted = np.full((size, size, 3), int(PAD_VALUE), dtype=np.uint8)
+    top, left = (size - new_height) // 2, (size - new_width) // 2
+    fitted[top:top + new_height, left:left + new_width] = resized
+    return fitted
 
 
 def _unidentified(data: bytes) -> str:

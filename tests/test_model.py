@@ -123,6 +123,24 @@ def test_decode_image_rejects_corrupt_bytes_clearly():
     assert (image[:, 0] == 255).all()  # portrait photo: white padding left and right
 
 
+def test_fitted_photos_are_the_pillow_canvas_rule_pixel_for_pixel():
+    """The feature store holds vectors of photos fitted by this rule: padding in numpy must give the
+    very pixels a bilinear resize pasted on a white Pillow canvas gives, whatever the photo's shape."""
+    from PIL import Image
+
+    from fashion_tagging.images import PAD_VALUE, to_model_size
+
+    rng = np.random.default_rng(0)
+    for height, width, size in ((80, 60, 224), (60, 80, 224), (33, 101, 160), (224, 224, 192), (7, 5, 32)):
+        photo = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        scale = min(size / height, size / width)
+        new_size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        canvas = Image.new("RGB", (size, size), (int(PAD_VALUE),) * 3)
+        canvas.paste(Image.fromarray(photo).resize(new_size, Image.Resampling.BILINEAR),
+                     ((size - new_size[0]) // 2, (size - new_size[1]) // 2))
+        assert np.array_equal(to_model_size(photo, size), np.asarray(canvas))
+
+
 def test_fine_tuned_backbone_travels_with_the_artifact(tiny_settings_factory):
     from fashion_tagging.backbones import build_backbone
     from fashion_tagging.catalog import load_kaggle_catalog

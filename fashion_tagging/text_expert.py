@@ -106,11 +106,13 @@ class DiskArray:
 
     def ranges(self, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """Items ``[start, start + length)`` of each range, concatenated in the ranges' order."""
+        outside = (starts < 0) | (starts + lengths > self.size)
+        if outside.any():
+            start, end = int(starts[outside][0]), int((starts + lengths)[outside][0])
+            raise IndexError(f"items {start}..{end} outside an array of {self.size}")
         out = np.empty(int(lengths.sum()), dtype=self.dtype)
         buffer, item, offset = memoryview(out).cast("B"), self.dtype.itemsize, 0
         for start, length in zip(starts.tolist(), lengths.tolist(), strict=True):
-            if start < 0 or start + length > self.size:
-                raise IndexError(f"items {start}..{start + length} outside an array of {self.size}")
             wanted = length * item
             if wanted and os.preadv(self._fd, [buffer[offset:offset + wanted]], start * item) != wanted:
                 raise OSError("short read from a training-rows file: was it changed while training?")

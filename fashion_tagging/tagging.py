@@ -130,9 +130,9 @@ def tag_work_batch(batch_id: int, *, settings: Settings, run_id: str, engine: sa
             return current is not None and current["status"] not in repository.BATCH_CLOSED \
                 and current["done_seq"] == start
 
-        def load(start):  # the chunk after change_seq ``start``: rows, then photos fetched and decoded
+        def load(start, size):  # the chunk after change_seq ``start``: rows, then photos fetched and decoded
             with engine.connect() as conn:
-                rows = repository.products_in_range(conn, start, batch["seq_to"], chunk_size)
+                rows = repository.products_in_range(conn, start, batch["seq_to"], size)
             if not rows:
                 return rows, None
             return rows, _gather_inputs(rows, [row.product_id for row in rows], store, tagger.image_size, result)
@@ -151,13 +151,16 @@ def tag_work_batch(batch_id: int, *, settings: Settings, run_id: str, engine: sa
                                  in_transaction=lambda conn, counts: repository.advance_batch(
                                      conn, batch_id, last_seq, **counts, seconds=time.perf_counter() - tick))
 
+        # Nothing overlaps the first chunk's read, fetch and decode: it is one inference batch, so the
+        # model starts sooner (and no batch shape new to the engine comes of it).
+        sizes = chunk_sizes(chunk_size, settings.inference_batch_size)
         try:
-            pending = prefetch.submit(load, done_seq)
+            pending = prefetch.submit(load, done_seq, next(sizes))
             while True:
                 rows, inputs = pending.result()
                 if rows:
                     tick, last_seq = time.perf_counter(), rows[-1].change_seq
-                    pending = prefetch.submit(load, last_seq)
+                    pending = prefetch.submit(load, last_seq, next(sizes))
                     predictions = _predict_inputs(inputs, settings=settings, engine=engine, tagger=tagger,
                                                   result=result)
                 if writing is not None:  # the chunk before this one: settle it before writing this one
@@ -173,7 +176,7 @@ def tag_work_batch(batch_id: int, *, settings: Settings, run_id: str, engine: sa
                         log.info("batch %s: another worker wrote past change_seq %s; resuming at %s", batch_id,
                                  done_seq, current["done_seq"])
                         done_seq = current["done_seq"]
-                        pending = prefetch.submit(load, done_seq)  # this chunk's work is dropped
+                        pending = prefetch.submit(load, done_seq, next(sizes))  # this chunk's work is dropped
                         continue
                     result.requested += len(written_rows)
                     done_seq = written_seq
@@ -198,6 +201,13 @@ def tag_work_batch(batch_id: int, *, settings: Settings, run_id: str, engine: sa
              batch_id, batch["model_version"], batch["seq_from"], batch["seq_to"], result.tagged, result.requested,
              result.text_only, result.errors, result.total_seconds)
     return result
+
+
+def chunk_sizes(chunk_size: int, first: int):
+    """A task's chunk sizes: at most ``first`` products, then ``chunk_size`` each."""
+    yield max(1, min(first, chunk_size))
+    while True:
+        yield chunk_size
 
 
 def _tag_rows(rows, product_ids: list[int], *, settings: Settings, engine: sa.Engine, store: ObjectStore, tagger,

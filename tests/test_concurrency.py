@@ -247,3 +247,25 @@ def test_two_workers_on_one_batch_write_and_count_each_product_once(catalog_engi
         embeddings = conn.execute(sa.select(sa.func.count()).select_from(schema.embeddings)).scalar()
         assert stats_match_tags(conn, A)
     assert sorted(rows) == [(i, 1) for i in range(1, products + 1)] and embeddings == products
+
+
+def test_a_tasks_first_chunk_is_one_inference_batch_then_full_chunks(catalog_engine, catalog_settings):
+    """Nothing overlaps the first chunk's fetch and decode, so it is kept to one inference batch."""
+    engine, products = catalog_engine, 35
+    settings = catalog_settings.replace(tagging_batch_size=10, inference_batch_size=4, tagging_task_min_products=1)
+    repository.upsert_products(engine, products_frame(range(1, products + 1)))
+    register(engine, A)
+    with engine.begin() as conn:
+        [batch] = repository.plan_tagging_batches(conn, A, "night-1",
+                                                  target_seq=repository.newest_change_seq(conn), max_batches=1,
+                                                  products_per_batch=products)
+    sizes = []
+
+    class CountingTagger(SyntheticTagger):
+        def predict(self, images, texts, **kwargs):
+            sizes.append(len(texts))
+            return super().predict(images, texts, **kwargs)
+
+    [result] = run_batches(settings, engine, [batch], "night-1", tagger=CountingTagger())
+    assert sizes == [4, 10, 10, 10, 1] and result.tagged == products
+    assert tag_ids(engine, A) == list(range(1, products + 1))

@@ -224,6 +224,18 @@ class LocalStore(ObjectStore):
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise ObjectNotFound(self.uri(key)) from None
 
+    def get_head(self, key: str, max_bytes: int) -> bytes:
+        # read(max_bytes) would allocate max_bytes (20 MiB for a photo) before reading 3 KB; objects
+        # are replaced by rename, never grown in place, so the size an open file has is the size it keeps.
+        with self.open(key) as handle:
+            return handle.read(min(max_bytes, os.fstat(handle.fileno()).st_size + 1))
+
+    def get_many(self, keys: Iterable[str], *, max_workers: int | None = None,
+                 max_bytes: int | None = None) -> dict[str, bytes | Exception]:
+        """Read one after another: a local read takes microseconds, less than handing it to a thread
+        (a pool per call cost about 0.1 ms of CPU a photo on the tagging path)."""
+        return {key: self._get_or_exception(key, max_bytes) for key in dict.fromkeys(keys)}
+
     def put(self, key: str, data: bytes) -> None:
         _atomic_write(self._path(key), data)
 

@@ -207,17 +207,23 @@ def test_promotion_supersedes_the_batches_of_the_model_it_replaces_even_mid_batc
 # --- (c) two workers on the same batch -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("chunk", [7, 10, 40])
-def test_two_workers_on_one_batch_write_and_count_each_product_once(catalog_engine, catalog_settings, chunk):
-    """A task thought lost is run again while the first still runs: both tag the same batch at once."""
-    engine, products = catalog_engine, 35
-    settings = catalog_settings.replace(tagging_batch_size=chunk, tagging_task_min_products=1)
+def one_batch_of_new_products(engine, products: int) -> dict:
+    """Products 1..``products`` in the catalog, model A serving, and one planned batch holding them all."""
     repository.upsert_products(engine, products_frame(range(1, products + 1)))
     register(engine, A)
     with engine.begin() as conn:
         [batch] = repository.plan_tagging_batches(conn, A, "night-1",
                                                   target_seq=repository.newest_change_seq(conn), max_batches=1,
                                                   products_per_batch=products)
+    return batch
+
+
+@pytest.mark.parametrize("chunk", [7, 10, 40])
+def test_two_workers_on_one_batch_write_and_count_each_product_once(catalog_engine, catalog_settings, chunk):
+    """A task thought lost is run again while the first still runs: both tag the same batch at once."""
+    engine, products = catalog_engine, 35
+    settings = catalog_settings.replace(tagging_batch_size=chunk, tagging_task_min_products=1)
+    batch = one_batch_of_new_products(engine, products)
     together = threading.Barrier(2, timeout=10)  # both have predicted their first chunk before either writes
     taggers = [SyntheticTagger(on_predict=lambda call: call == 1 and together.wait()) for _ in range(2)]
     store = open_store(settings.resolved_object_store_url)
@@ -253,12 +259,7 @@ def test_a_tasks_first_chunk_is_one_inference_batch_then_full_chunks(catalog_eng
     """Nothing overlaps the first chunk's fetch and decode, so it is kept to one inference batch."""
     engine, products = catalog_engine, 35
     settings = catalog_settings.replace(tagging_batch_size=10, inference_batch_size=4, tagging_task_min_products=1)
-    repository.upsert_products(engine, products_frame(range(1, products + 1)))
-    register(engine, A)
-    with engine.begin() as conn:
-        [batch] = repository.plan_tagging_batches(conn, A, "night-1",
-                                                  target_seq=repository.newest_change_seq(conn), max_batches=1,
-                                                  products_per_batch=products)
+    batch = one_batch_of_new_products(engine, products)
     sizes = []
 
     class CountingTagger(SyntheticTagger):

@@ -154,7 +154,7 @@ def cmd_embed(args) -> int:
     started = time.perf_counter()
     result = catalog_image_embeddings(products["id"], products["image_path"].tolist(), backbone_name=settings.backbone,
                                       image_size=settings.image_size, cache_dir=settings.cache_dir,
-                                      batch_size=settings.inference_batch_size,
+                                      batch_size=settings.inference_batch_size, engine=settings.inference_engine,
                                       # what `train` will ask of the cache: "top" also needs the last block's inputs
                                       with_top_inputs=settings.fine_tune == "top")
     print(json.dumps({"products": len(products), "with_image": int(result.has_image.sum()),

@@ -117,6 +117,7 @@ def worker_threads() -> int:
 class LiteRTBackbone:
     """A LiteRT backbone export, called like ``predict_on_batch``: (N, S, S, 3) pixels -> (N, 1280).
 
+    An export of a model with several outputs returns them as a tuple, in the model's order.
     One interpreter per batch size seen (a partial last batch keeps its own, so the full-size one
     is never re-planned); calls are serialised, as an interpreter is not thread-safe.
     """
@@ -131,6 +132,16 @@ class LiteRTBackbone:
         self._new_interpreter = lambda: Interpreter(model_path=str(self.path), num_threads=self.threads)
         self._by_batch: dict[int, object] = {}
         self._lock = threading.Lock()
+        self._outputs: list[int] | None = None  # output tensors in the model's order
+
+    @staticmethod
+    def _output_order(interpreter) -> list[int]:
+        """Tensor indices of the outputs in the exported model's order (its signature's output_0, output_1...)."""
+        signatures = interpreter.get_signature_list()
+        if not signatures:
+            return [detail["index"] for detail in interpreter.get_output_details()]
+        details = interpreter.get_signature_runner(next(iter(signatures))).get_output_details()
+        return [details[name]["index"] for name in sorted(details, key=lambda name: (len(name), name))]
 
     def _interpreter(self, batch: int):
         interpreter = self._by_batch.pop(batch, None)
@@ -151,9 +162,12 @@ class LiteRTBackbone:
         pixels = np.ascontiguousarray(pixels, dtype=np.float32)
         with self._lock:
             interpreter = self._interpreter(len(pixels))
+            if self._outputs is None:
+                self._outputs = self._output_order(interpreter)
             interpreter.set_tensor(interpreter.get_input_details()[0]["index"], pixels)
             interpreter.invoke()
-            return interpreter.get_tensor(interpreter.get_output_details()[0]["index"]).copy()
+            outputs = tuple(interpreter.get_tensor(index).copy() for index in self._outputs)
+        return outputs[0] if len(outputs) == 1 else outputs
 
 
 def backbone_runner(engine: str, artifact_dir: Path, keras_backbone: Callable[[], object], *,
@@ -179,6 +193,27 @@ def backbone_runner(engine: str, artifact_dir: Path, keras_backbone: Callable[[]
             fallback = Path(tempfile.mkdtemp(prefix="ft-export-")) / path.name
             log.warning("cannot write %s (%s): exporting to %s for this process", path, error, fallback)
             path = export_backbone(keras_backbone(), fallback)
+    return LiteRTBackbone(path)
+
+
+def embedding_runner(engine: str, export_dir: Path, name: str, keras_backbone: Callable[[], object]
+                     ) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """The feature store's embedding pass: pixels -> (pooled embedding, activations entering the last block).
+
+    ``engine`` as for tagging: on a CPU worker the pretrained backbone's float32 LiteRT export
+    (never int8: stored features must equal Keras' to ~1e-5 whatever engine later tags), made once
+    into ``export_dir``/``name`` and kept there; Keras where TensorFlow sees a GPU. Both outputs
+    are always computed (the last block's input is on the way to the pooled output).
+    """
+    from fashion_tagging.backbones import with_top_inputs_output
+
+    if resolve_engine(engine) == "keras":
+        model = with_top_inputs_output(keras_backbone())
+        return lambda pixels: tuple(model.predict_on_batch(pixels))
+    path = Path(export_dir) / f"{name}.tflite"
+    if not path.is_file():
+        log.info("exporting the embedding pass's backbone to %s (once per backbone and image size)", path)
+        export_backbone(with_top_inputs_output(keras_backbone()), path)
     return LiteRTBackbone(path)
 
 

@@ -125,7 +125,7 @@ def split_embeddings(tagger: Tagger, artifact_dir: Path, rows: pd.DataFrame, set
     fine_tuned = (Path(artifact_dir) / FINE_TUNED_BACKBONE_FILE).is_file()
     mode = tagger.config.get("fine_tune_mode", "full" if fine_tuned else "none")
     embed = dict(image_size=tagger.image_size, cache_dir=settings.cache_dir, batch_size=settings.inference_batch_size,
-                 progress=progress)
+                 progress=progress, engine=settings.inference_engine)
     paths = rows["image_path"].tolist()
     if fine_tuned and mode == "full":
         return catalog_image_embeddings(rows["id"], paths, backbone_name=f"{tagger.backbone_name}-{tagger.version}",

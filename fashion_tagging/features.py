@@ -36,6 +36,7 @@ from fashion_tagging.settings import IMAGE_EMBEDDING_DIM
 
 log = logging.getLogger(__name__)
 STORE_SUBDIR = "features"
+EXPORTS_SUBDIR = "exports"  # the embedding pass's LiteRT export of each pretrained backbone
 LEGACY_CACHE_SUBDIR = "embeddings"  # the per-product .npz caches of earlier versions: no longer read
 SHARD_PREFIX = "shard-"
 # Photos per shard a pass writes: a crash loses at most this much work, and a pass holds at most
@@ -289,21 +290,30 @@ class FeatureStore:
 
 def embed_image_files(paths: list[str], backbone, image_size: int, batch_size: int, *, progress: bool = True,
                       with_top_inputs: bool = False, reasons: dict[int, str] | None = None,
-                      view: AugmentedView | None = None):
+                      view: AugmentedView | None = None, runner=None):
     """Run the backbone over image files; returns (vectors, top_inputs or None, ok), unusable photos not ok.
 
     Photos are decoded by ``images.decode_image``, the rule tagging uses. ``reasons``, when
     given, receives {position: why} for every photo that is not ok (tagging's wording).
-    ``view``: embed that augmented view of each photo instead of the photo.
+    ``view``: embed that augmented view of each photo instead of the photo. ``runner``
+    (``engines.embedding_runner``: pixels -> (vectors, last block's inputs)) replaces the Keras
+    ``backbone``.
     """
     from fashion_tagging.backbones import with_top_inputs_output
 
     vectors = np.zeros((len(paths), IMAGE_EMBEDDING_DIM), dtype=np.float32)
     ok = np.zeros(len(paths), dtype=bool)
     top_inputs = None
-    model = with_top_inputs_output(backbone) if with_top_inputs else backbone
-    if with_top_inputs:
-        top_inputs = np.zeros((len(paths), *model.output_shape[1][1:]), dtype=np.float16)
+    if runner is None:
+        model = with_top_inputs_output(backbone) if with_top_inputs else backbone
+        if with_top_inputs:
+            top_inputs = np.zeros((len(paths), *model.output_shape[1][1:]), dtype=np.float16)
+        runner = model.predict_on_batch
+    elif not with_top_inputs:
+        embed_both = runner
+
+        def runner(pixels):
+            return embed_both(pixels)[0]
     if not paths:
         return vectors, top_inputs, ok
     dataset = file_image_dataset(paths, image_size, batch_size, augment=view)
@@ -314,11 +324,13 @@ def embed_image_files(paths: list[str], backbone, image_size: int, batch_size: i
         for indices, images, failures in dataset:
             # A rejected photo stays in its batch (white pixels) and its outputs are dropped:
             # batches keep one shape, and rejections are rare.
-            batch = model.predict_on_batch(images)
+            batch = runner(images.numpy())
             idx, failures = indices.numpy(), failures.numpy()
             good = failures == b""
             if with_top_inputs:
                 batch, cut = batch
+                if top_inputs is None:  # a runner's activations: their shape is known from the first batch
+                    top_inputs = np.zeros((len(paths), *np.shape(cut)[1:]), dtype=np.float16)
                 top_inputs[idx[good]] = np.asarray(cut, dtype=np.float16)[good]
             vectors[idx[good]] = np.asarray(batch, dtype=np.float32)[good]
             ok[idx[good]] = True
@@ -342,7 +354,7 @@ def embedding_batch_size(requested: int) -> int:
 def catalog_image_embeddings(
     product_ids, image_paths, *, backbone_name: str, image_size: int, cache_dir: Path,
     batch_size: int = 64, progress: bool = True, backbone=None, with_top_inputs: bool = False,
-    view: AugmentedView | None = None, digests: np.ndarray | None = None,
+    view: AugmentedView | None = None, digests: np.ndarray | None = None, engine: str = "auto",
 ) -> ImageEmbeddings:
     """Embeddings for these products, from the feature store where present, embedding (and storing) the rest.
 
@@ -351,6 +363,8 @@ def catalog_image_embeddings(
     demand); a photo stored without them is embedded again once. A store that has them keeps
     them for every photo it adds. ``view``: that augmented view of the photos (training), in a
     store of its own. ``digests``: the photos' :func:`photo_file_digests`, when already read.
+    ``engine`` (the settings' ``inference_engine``) runs the pretrained backbone when no
+    ``backbone`` is given: on a CPU its float32 LiteRT export, kept under ``cache_dir``.
     """
     product_ids = np.asarray(product_ids, dtype=np.int64)
     image_paths = list(image_paths)
@@ -369,10 +383,14 @@ def catalog_image_embeddings(
     todo = np.sort(np.concatenate([readable[first], missing[digests[missing] == NO_DIGEST]]))
     reasons: dict[bytes | int, str] = {}  # digest (or position, if none) -> why the photo is unusable
     if len(todo):
+        runner = None
         if backbone is None:
             from fashion_tagging.backbones import build_backbone
+            from fashion_tagging.engines import embedding_runner
 
-            backbone = build_backbone(backbone_name, image_size)
+            runner = embedding_runner(engine, Path(cache_dir) / EXPORTS_SUBDIR,
+                                      f"{backbone_name}-{image_size}-with-top-inputs-float32",
+                                      lambda: build_backbone(backbone_name, image_size))
         keep_top = with_top_inputs or store.has_top_inputs()
         batch_size = embedding_batch_size(batch_size)
         log.info("embedding %d photos of %d products with %s at %dpx (%d products' photos in the store)",
@@ -382,7 +400,7 @@ def catalog_image_embeddings(
             chunk_reasons: dict[int, str] = {}
             vectors, top, ok = embed_image_files([image_paths[p] for p in chunk], backbone, image_size, batch_size,
                                                  progress=progress, with_top_inputs=keep_top, reasons=chunk_reasons,
-                                                 view=view)
+                                                 view=view, runner=runner)
             rejected = np.full(len(chunk), "", dtype=object)
             for i in np.flatnonzero(~ok):
                 position = int(chunk[i])

@@ -332,7 +332,7 @@ def augmented_views(settings: Settings, rows: pd.DataFrame, embeddings, *, with_
                                         image_size=settings.image_size, cache_dir=settings.cache_dir,
                                         batch_size=settings.inference_batch_size, progress=progress,
                                         with_top_inputs=with_top_inputs, view=AugmentedView(index, settings.seed),
-                                        digests=digests)
+                                        digests=digests, engine=settings.inference_engine)
         view = view.filled_from(embeddings.has_image & ~view.has_image, embeddings)
         view.photo_rows[~embeddings.has_image] = -1  # (a copy) exactly the photos' products have a view
         views.append(view)
@@ -423,7 +423,7 @@ def _fit_and_save(settings: Settings, note_memory, *, products, epochs, output_d
 
     t0 = time.perf_counter()
     embed = dict(backbone_name=settings.backbone, image_size=settings.image_size, cache_dir=settings.cache_dir,
-                 batch_size=settings.inference_batch_size, progress=progress)
+                 batch_size=settings.inference_batch_size, progress=progress, engine=settings.inference_engine)
     # One pass for both splits: the feature store is indexed and the backbone built once.
     both = pd.concat([train_rows[["id", "image_path"]], val_rows[["id", "image_path"]]], ignore_index=True)
     digests = photo_file_digests(both["image_path"].tolist())  # read once: the views are of the same files

@@ -111,3 +111,28 @@ def test_gpu_worker_keeps_keras(monkeypatch):
     assert engines.resolve_engine("auto") == "litert"
     with pytest.raises(ValueError, match="unknown inference engine"):
         engines.resolve_engine("onnx")
+
+
+def test_the_feature_stores_litert_pass_stores_what_keras_stores_and_exports_once(tmp_path, kaggle_slice_dir):
+    """A CPU worker embeds photos for the store through the backbone's float32 LiteRT export."""
+    from fashion_tagging.features import EXPORTS_SUBDIR, catalog_image_embeddings
+
+    products = load_kaggle_catalog(kaggle_slice_dir).products.head(40)
+    ids, paths = products["id"], products["image_path"].tolist()
+    embed = dict(backbone_name="efficientnet-lite0", image_size=64, progress=False, with_top_inputs=True)
+    keras_pass = catalog_image_embeddings(ids, paths, cache_dir=tmp_path / "keras", engine="keras", **embed)
+    litert_pass = catalog_image_embeddings(ids, paths, cache_dir=tmp_path / "litert", engine="litert", **embed)
+    assert not list((tmp_path / "keras").glob(f"{EXPORTS_SUBDIR}/*"))
+    exports = list((tmp_path / "litert" / EXPORTS_SUBDIR).glob("*.tflite"))
+    assert len(exports) == 1
+    assert keras_pass.has_image.tolist() == litert_pass.has_image.tolist() and keras_pass.has_image.sum() > 30
+    rows = np.flatnonzero(keras_pass.has_image)
+    # The store keeps float16: the engines agree to its rounding.
+    np.testing.assert_allclose(litert_pass.vectors[rows], keras_pass.vectors[rows], rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(litert_pass.top_inputs[rows].astype(np.float32),
+                               keras_pass.top_inputs[rows].astype(np.float32), rtol=2e-3, atol=2e-2)
+    made = exports[0].stat().st_mtime_ns
+    more = load_kaggle_catalog(kaggle_slice_dir).products.iloc[40:50]
+    catalog_image_embeddings(more["id"], more["image_path"].tolist(), cache_dir=tmp_path / "litert", engine="litert",
+                             **embed)
+    assert exports[0].stat().st_mtime_ns == made  # the second pass reused the export

@@ -133,8 +133,9 @@ class Settings(BaseSettings):
 
     # Serving / tagging.
     inference_engine: Literal["auto", "keras", "litert"] = Field(
-        "auto", description="Where tagging runs the image backbone: litert = its LiteRT export with XNNPACK (int8 when "
-                            "training shipped it), keras = TensorFlow/Keras (mixed precision on a GPU); auto = keras "
+        "auto", description="Where the image backbone runs: litert = its LiteRT export with XNNPACK (for tagging int8 "
+                            "when training shipped it; for the feature store's embedding pass the pretrained "
+                            "backbone in float32), keras = TensorFlow/Keras (mixed precision on a GPU); auto = keras "
                             "where TensorFlow sees a GPU, else litert.")
     inference_batch_size: int = Field(128, ge=1, description="Batch size of prediction (tagging, evaluation); "
                                                                "a CPU embeds photos for the feature store at most "

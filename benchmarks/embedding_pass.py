@@ -3,7 +3,7 @@
 A retrain from an empty store embeds every photo once (pooled vector + the activations entering
 the last block) and one augmented view of every training photo. This runs that pass,
 ``features.catalog_image_embeddings`` as training calls it, over the same N real photos with
-the Keras backbone and with its float32 LiteRT export (``engines.embedding_runner``), each
+the Keras backbone and with its float32 LiteRT export (``engines.litert_embedding_runner``), each
 round into an empty store of its own, rounds alternating engines, and compares what they
 stored.
 

@@ -196,20 +196,15 @@ def backbone_runner(engine: str, artifact_dir: Path, keras_backbone: Callable[[]
     return LiteRTBackbone(path)
 
 
-def embedding_runner(engine: str, export_dir: Path, name: str, keras_backbone: Callable[[], object]
-                     ) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
-    """The feature store's embedding pass: pixels -> (pooled embedding, activations entering the last block).
+def litert_embedding_runner(export_dir: Path, name: str, keras_backbone: Callable[[], object]) -> LiteRTBackbone:
+    """The feature store's embedding pass on a CPU worker: pixels -> (pooled embedding, last block's inputs).
 
-    ``engine`` as for tagging: on a CPU worker the pretrained backbone's float32 LiteRT export
-    (never int8: stored features must equal Keras' to ~1e-5 whatever engine later tags), made once
-    into ``export_dir``/``name`` and kept there; Keras where TensorFlow sees a GPU. Both outputs
-    are always computed (the last block's input is on the way to the pooled output).
+    The pretrained backbone's float32 LiteRT export with both outputs (never int8: stored features
+    must equal Keras' to ~1e-5 whatever engine later tags), made once into ``export_dir``/``name``
+    and kept there.
     """
     from fashion_tagging.backbones import with_top_inputs_output
 
-    if resolve_engine(engine) == "keras":
-        model = with_top_inputs_output(keras_backbone())
-        return lambda pixels: tuple(model.predict_on_batch(pixels))
     path = Path(export_dir) / f"{name}.tflite"
     if not path.is_file():
         log.info("exporting the embedding pass's backbone to %s (once per backbone and image size)", path)

@@ -11,7 +11,7 @@ once. A pass appends shards, each written under a temporary name and committed b
 rename, so concurrent writers never clobber each other; readers memory-map the shards and gather
 rows on demand, so memory does not grow with the store. Train, evaluate and tag share it; it
 lives under the settings' cache directory, never inside a model artifact. On a CPU worker the
-pass runs the backbone's float32 LiteRT export (``engines.embedding_runner``), several times
+pass runs the backbone's float32 LiteRT export (``engines.litert_embedding_runner``), several times
 faster there than Keras and equal to it within the store's float16 rounding.
 """
 
@@ -298,7 +298,7 @@ def embed_image_files(paths: list[str], backbone, image_size: int, batch_size: i
     Photos are decoded by ``images.decode_image``, the rule tagging uses. ``reasons``, when
     given, receives {position: why} for every photo that is not ok (tagging's wording).
     ``view``: embed that augmented view of each photo instead of the photo. ``runner``
-    (``engines.embedding_runner``: pixels -> (vectors, last block's inputs)) replaces the Keras
+    (``engines.litert_embedding_runner``: pixels -> (vectors, last block's inputs)) replaces the Keras
     ``backbone``.
     """
     from fashion_tagging.backbones import with_top_inputs_output
@@ -388,11 +388,14 @@ def catalog_image_embeddings(
         runner = None
         if backbone is None:
             from fashion_tagging.backbones import build_backbone
-            from fashion_tagging.engines import embedding_runner
+            from fashion_tagging.engines import litert_embedding_runner, resolve_engine
 
-            runner = embedding_runner(engine, Path(cache_dir) / EXPORTS_SUBDIR,
-                                      f"{backbone_name}-{image_size}-with-top-inputs-float32",
-                                      lambda: build_backbone(backbone_name, image_size))
+            if resolve_engine(engine) == "litert":
+                runner = litert_embedding_runner(Path(cache_dir) / EXPORTS_SUBDIR,
+                                                 f"{backbone_name}-{image_size}-with-top-inputs-float32",
+                                                 lambda: build_backbone(backbone_name, image_size))
+            else:
+                backbone = build_backbone(backbone_name, image_size)
         keep_top = with_top_inputs or store.has_top_inputs()
         batch_size = embedding_batch_size(batch_size)
         log.info("embedding %d photos of %d products with %s at %dpx (%d products' photos in the store)",

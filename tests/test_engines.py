@@ -117,7 +117,8 @@ def test_the_feature_stores_litert_pass_stores_what_keras_stores_and_exports_onc
     """A CPU worker embeds photos for the store through the backbone's float32 LiteRT export."""
     from fashion_tagging.features import EXPORTS_SUBDIR, catalog_image_embeddings
 
-    products = load_kaggle_catalog(kaggle_slice_dir).products.head(40)
+    catalog = load_kaggle_catalog(kaggle_slice_dir).products
+    products = catalog.head(40)
     ids, paths = products["id"], products["image_path"].tolist()
     embed = dict(backbone_name="efficientnet-lite0", image_size=64, progress=False, with_top_inputs=True)
     keras_pass = catalog_image_embeddings(ids, paths, cache_dir=tmp_path / "keras", engine="keras", **embed)
@@ -132,7 +133,7 @@ def test_the_feature_stores_litert_pass_stores_what_keras_stores_and_exports_onc
     np.testing.assert_allclose(litert_pass.top_inputs[rows].astype(np.float32),
                                keras_pass.top_inputs[rows].astype(np.float32), rtol=2e-3, atol=2e-2)
     made = exports[0].stat().st_mtime_ns
-    more = load_kaggle_catalog(kaggle_slice_dir).products.iloc[40:50]
+    more = catalog.iloc[40:50]
     catalog_image_embeddings(more["id"], more["image_path"].tolist(), cache_dir=tmp_path / "litert", engine="litert",
                              **embed)
     assert exports[0].stat().st_mtime_ns == made  # the second pass reused the export

@@ -16,7 +16,8 @@ to the model's input as tagging does; the backbone runs on the tagger's engine (
 
 Prints a table and writes (replacing only this label's entry) ``benchmarks/results/robustness.json``.
 ``--limit`` and ``--reference-limit`` (the reference's train/val products) are for development and
-are recorded; ``--engine keras`` scores with the Keras backbone (``evaluate``'s embeddings) instead.
+are recorded, as is ``--families`` (only those families and clean, e.g. the text ones to compare two
+blends of one model in minutes); ``--engine keras`` scores with the Keras backbone (``evaluate``'s embeddings) instead.
 """
 
 from __future__ import annotations
@@ -262,8 +263,9 @@ def setting_key(family: str, strength) -> str:
 
 
 def score_settings(tagger, rows, paths: list, usable: np.ndarray, reference, seed: int,
-                   reference_scores: dict | None = None) -> list[dict]:
-    """Every (family, strength) of ``FAMILIES`` scored in the three modality settings and by the reference.
+                   reference_scores: dict | None = None, families: list[str] | None = None) -> list[dict]:
+    """Every (family, strength) of ``FAMILIES`` (or of ``families`` and clean) scored in the three
+    modality settings and by the reference.
 
     Clean goes first: its embeddings serve the text families, its figures the settings a family
     leaves unchanged (listed in ``same_as_clean``). ``reference_scores`` ({setting_key: accuracy}):
@@ -275,7 +277,7 @@ def score_settings(tagger, rows, paths: list, usable: np.ndarray, reference, see
     labelled = truth != ""
     clean_texts = rows["text"].fillna("").tolist()
     plan = [(fi, family, perturbs, si, strength) for fi, (family, perturbs, strengths) in enumerate(FAMILIES)
-            for si, strength in enumerate(strengths)]
+            for si, strength in enumerate(strengths) if family == "clean" or families is None or family in families]
     results, clean, clean_images = [], None, None
     for number, (fi, family, perturbs, si, strength) in enumerate(plan, start=1):
         tick = time.perf_counter()
@@ -325,19 +327,22 @@ def find(settings: list[dict], family: str, strength) -> dict | None:
 
 
 def run_checks(settings: list[dict]) -> dict[str, bool]:
-    """The issue's targets on one run's settings."""
+    """The issue's targets on one run's settings (those of families the run did not score are left out)."""
     clean = find(settings, "clean", None)
     checks = {f"fused_clean_ge_{FUSED_CLEAN_MIN}": clean["fused"] >= FUSED_CLEAN_MIN,
               f"image_only_clean_ge_{IMAGE_ONLY_CLEAN_MIN}": clean["image_only"] >= IMAGE_ONLY_CLEAN_MIN}
     for family, strength, points in (SPELLING_FUSED_MAX_DROP, MISSING_TITLE_FUSED_MAX_DROP):
         name = f"{family}{'' if strength is None else f'_{strength}'}_fused_drop_le_{points:g}_points"
-        checks[name] = find(settings, family, strength)["drop_fused_points"] <= points
+        if find(settings, family, strength):
+            checks[name] = find(settings, family, strength)["drop_fused_points"] <= points
     mild = []
     for family, strength in MILD_IMAGE_SETTINGS:
-        passed = find(settings, family, strength)["drop_image_only_points"] <= MILD_IMAGE_MAX_DROP
-        checks[f"{family}_{strength}_image_only_drop_le_{MILD_IMAGE_MAX_DROP:g}_points"] = passed
-        mild.append(passed)
-    checks[f"mild_image_perturbations_image_only_drop_le_{MILD_IMAGE_MAX_DROP:g}_points"] = all(mild)
+        if find(settings, family, strength):
+            passed = find(settings, family, strength)["drop_image_only_points"] <= MILD_IMAGE_MAX_DROP
+            checks[f"{family}_{strength}_image_only_drop_le_{MILD_IMAGE_MAX_DROP:g}_points"] = passed
+            mild.append(passed)
+    if len(mild) == len(MILD_IMAGE_SETTINGS):
+        checks[f"mild_image_perturbations_image_only_drop_le_{MILD_IMAGE_MAX_DROP:g}_points"] = all(mild)
     checks["fused_beats_tfidf_everywhere"] = all(s["fused"] > s["tfidf_svm"] for s in settings)
     checks["text_only_beats_tfidf_where_text"] = all(s["text_only"] > s["tfidf_svm"] for s in settings
                                                      if s["perturbs"] != "image")
@@ -406,6 +411,9 @@ def main() -> int:
     parser.add_argument("--reference-model", type=Path,
                         help="a file for the fitted reference (joblib): loaded when it exists, else written, so "
                              "runs of several models fit it once")
+    parser.add_argument("--families", nargs="+", choices=[f for f, _, _ in FAMILIES if f != "clean"],
+                        help="score only these families (and clean); recorded, and the checks of the others are "
+                             "left out (default: all)")
     parser.add_argument("--engine", choices=ENGINE_CHOICES, default="auto", help="where the backbone runs")
     parser.add_argument("--quantization", choices=(FLOAT32, INT8),
                         help="LiteRT export to run (default: the one training shipped)")
@@ -434,7 +442,8 @@ def main() -> int:
                   "reference_c": args.reference_c}
     saved = read_results().get("reference") or {}
     reference, reference_scores = None, None
-    if saved.get("inputs") == inputs_key and saved.get("scores"):
+    every_setting = {setting_key(family, strength) for family, _, strengths in FAMILIES for strength in strengths}
+    if saved.get("inputs") == inputs_key and every_setting <= set(saved.get("scores") or ()):
         reference_info, reference_scores = saved["info"], saved["scores"]
         print("TF-IDF reference: figures of an earlier run on the same inputs", flush=True)
     elif args.reference_model and args.reference_model.is_file():
@@ -451,11 +460,12 @@ def main() -> int:
             joblib.dump((reference, reference_info), args.reference_model)
 
     usable, decode_failures = usable_photos(paths)
-    results = score_settings(tagger, rows, paths, usable, reference, args.seed, reference_scores)
+    results = score_settings(tagger, rows, paths, usable, reference, args.seed, reference_scores, args.families)
 
     run = {
         "model_version": tagger.version, "artifact": str(args.artifact.resolve()), "image_size": tagger.image_size,
-        "seed": args.seed, "limit": args.limit, "products": len(rows), "labelled_products": int(labelled.sum()),
+        "seed": args.seed, "limit": args.limit, "families": args.families or "all",
+        "products": len(rows), "labelled_products": int(labelled.sum()),
         "products_with_image": int(len(usable)), "photo_decode_failures": decode_failures,
         "products_with_text": results[0]["products_with_text"],
         "engine": tagger.engine,
@@ -471,7 +481,8 @@ def main() -> int:
     }
     run["checks"] = run_checks(results)
     reference_entry = {"inputs": inputs_key, "info": reference_info,
-                       "scores": {setting_key(r["family"], r["strength"]): r["tfidf_svm"] for r in results}}
+                       "scores": {**(reference_scores or {}),
+                                  **{setting_key(r["family"], r["strength"]): r["tfidf_svm"] for r in results}}}
     write_run(args.label, run, reference_entry)
     print_table(args.label, run)
     print(f"\n{run['seconds']:.0f} s; wrote {RESULTS} (runs: {args.label!r})")

@@ -65,6 +65,7 @@ def main() -> int:
         "best_val_article_type_accuracy": config.get("best_val_article_type_accuracy"),
         "best_val_image_only_article_type_accuracy": config.get("best_val_image_only_article_type_accuracy"),
         "primary_blend": config.get("primary_blend"), "primary_blend_val": config.get("primary_blend_val"),
+        "text_condition_thresholds": config.get("text_condition_thresholds"),
         "evaluate_seconds": summary["evaluate_seconds"], "peak_rss_mib": round(peak_mib, 1),
         # the training's peak RSS after each of its stages (the stage that raised it is where memory goes)
         "train_peak_rss_mib_after": summary.get("train_peak_rss_mib_after"),

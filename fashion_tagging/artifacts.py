@@ -27,7 +27,8 @@ import numpy as np
 
 from fashion_tagging.calibration import auto_accepted, calibrate, log_probabilities
 from fashion_tagging.images import to_model_size
-from fashion_tagging.model import LabelMap, TextEncoder, blend_primary, blend_weights, model_inputs
+from fashion_tagging.model import (LabelMap, TextEncoder, blend_primary, blend_weights, model_inputs,
+                                   text_conditions)
 from fashion_tagging.objectstore import local_path, open_uri
 from fashion_tagging.settings import IMAGE_EMBEDDING_DIM, PRIMARY_HEAD, Settings
 from fashion_tagging.text_expert import texts_tensor
@@ -287,10 +288,12 @@ class Tagger:
         return self.predict_embeddings(embeddings, has_image, texts, batch_size=batch_size, top_k=top_k)
 
     def _blended_primary(self, outputs: dict, embeddings: np.ndarray, has_image: np.ndarray, texts: list[str],
-                         has_text: np.ndarray, batch_size: int, log: bool = False) -> np.ndarray:
+                         has_text: np.ndarray, tokens: np.ndarray, batch_size: int, log: bool = False) -> np.ndarray:
         """Hybrid fusion for the primary head with the blend chosen on val at training time
-        (``log``: as log-probabilities, see ``model.blend_primary``)."""
+        (``log``: as log-probabilities, see ``model.blend_primary``); ``tokens``: the texts' word
+        ids, which put it in a text condition (see ``model.blend_groups``)."""
         blend = self.config["primary_blend"]
+        conditions = text_conditions(tokens, self.config.get("text_condition_thresholds"))
         # An expert whose weight is 0 in every situation is not run: tagging is the hot path.
         weights = [blend_weights(entry) for entry in blend.values()]
         image_weighted, text_weighted = (any(w[i] for w in weights) for i in (1, 2))
@@ -302,7 +305,7 @@ class Tagger:
                                           for i in range(0, len(texts), batch_size)])
         primary = self.primary_head
         return blend_primary(np.asarray(outputs[primary]), np.asarray(outputs[f"text_{primary}"]), expert,
-                             has_image, has_text, blend, text_expert, log=log)
+                             has_image, has_text, blend, text_expert, log=log, conditions=conditions)
 
     def predict_embeddings(self, embeddings: np.ndarray, has_image: np.ndarray, texts: Sequence[str], *,
                            batch_size: int = 256, top_k: int = 3, calibrated: bool = True,
@@ -324,7 +327,8 @@ class Tagger:
         if outputs is not None and self.config.get("primary_blend"):
             outputs = dict(outputs)
             log_outputs[self.primary_head] = self._blended_primary(outputs, inputs["image_embedding"], has_image,
-                                                                   texts, has_text, batch_size, log=True)
+                                                                   texts, has_text, inputs["tokens"], batch_size,
+                                                                   log=True)
             outputs[self.primary_head] = np.exp(log_outputs[self.primary_head])
         labels, confidences, tops = {}, {}, {}
         calibration = self.calibration if calibrated else None

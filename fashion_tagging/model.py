@@ -26,7 +26,8 @@ DROPOUT = 0.3
 AUXILIARY_HEADS = (f"image_{PRIMARY_HEAD}", f"text_{PRIMARY_HEAD}")
 HEAD_LOSS_WEIGHTS = {PRIMARY_HEAD: 1.0, AUXILIARY_HEADS[0]: 0.5, AUXILIARY_HEADS[1]: 0.3, "subCategory": 0.4, "masterCategory": 0.2, "gender": 0.4,
                      "baseColour": 0.4, "season": 0.3, "usage": 0.3}
-EMPTY_TEXT_TOKEN = 1  # the OOV index: an empty text still has one token, so no sequence is fully masked
+UNKNOWN_TOKEN = 1  # TextVectorization's index for a word outside the vocabulary
+EMPTY_TEXT_TOKEN = UNKNOWN_TOKEN  # an empty text still has one token, so no sequence is fully masked
 
 
 class LabelMap:
@@ -231,6 +232,59 @@ def situation_masks(has_image: np.ndarray, has_text: np.ndarray) -> dict[str, np
     return {"both": has_image & has_text, "image_only": has_image & ~has_text, "text_only": ~has_image & has_text}
 
 
+# Text conditions that get blend weights of their own, where training found weights that do better on
+# val for texts in that condition (see choose_text_condition_blend), in precedence order: a text with
+# many words unknown to the word vocabulary (typos, another shop's wording: the word LSTM reads an unknown
+# word as nothing, the text expert's character n-grams still read it), else a short text (a title
+# without its description). Each condition's threshold is chosen on val among these:
+TEXT_CONDITION_THRESHOLDS = {
+    "noisy_text": (0.1, 0.15, 0.2, 0.3),  # share of the text's words unknown to the vocabulary, at least
+    "short_text": (6, 10, 15, 25),  # words, at most
+}
+TEXT_CONDITIONS = tuple(TEXT_CONDITION_THRESHOLDS)
+TEXT_SITUATIONS = ("both", "text_only")  # the situations a text condition applies in
+
+
+def unknown_word_share(tokens: np.ndarray) -> np.ndarray:
+    """Per text, the share of its words (the first ``sequence_length``) that the word vocabulary
+    does not know; an empty text counts as all unknown (it takes no text weights anyway)."""
+    tokens = np.asarray(tokens)
+    return (tokens == UNKNOWN_TOKEN).sum(axis=1) / np.maximum((tokens > 0).sum(axis=1), 1)
+
+
+def text_condition(name: str, tokens: np.ndarray, threshold) -> np.ndarray:
+    """Whether each text (as word ids) is in condition ``name`` at ``threshold``."""
+    if name == "noisy_text":
+        return unknown_word_share(tokens) >= threshold
+    if name == "short_text":
+        return (np.asarray(tokens) > 0).sum(axis=1) <= threshold
+    raise ValueError(f"not a text condition: {name!r}")
+
+
+def text_conditions(tokens: np.ndarray, thresholds: dict | None) -> dict[str, np.ndarray]:
+    """{condition: mask} for the conditions ``thresholds`` (an artifact's choice) names, each mask
+    without the texts an earlier condition took."""
+    masks, taken = {}, np.zeros(len(tokens), dtype=bool)
+    for name in TEXT_CONDITIONS:
+        if (thresholds or {}).get(name) is not None:
+            masks[name] = text_condition(name, tokens, thresholds[name]) & ~taken
+            taken |= masks[name]
+    return masks
+
+
+def blend_groups(blend: dict, has_image: np.ndarray, has_text: np.ndarray, conditions: dict | None = None):
+    """(situation, rows, weights) for each group of products one set of blend weights applies to:
+    a situation's texts in a condition (``text_conditions``) take its ``<situation>_<condition>``
+    weights where the blend has them."""
+    for situation, rows in situation_masks(has_image, has_text).items():
+        for name, mask in (conditions or {}).items():
+            weights = blend.get(f"{situation}_{name}")
+            if weights is not None:
+                yield situation, rows & mask, blend_weights(weights)
+                rows = rows & ~mask
+        yield situation, rows, blend_weights(blend.get(situation))
+
+
 def blend_weights(entry) -> tuple[float, float, float]:
     """(text head, image expert, text expert) weights of one situation; blends saved before the
     text expert existed hold only the first two, the missing ones are 0."""
@@ -239,7 +293,7 @@ def blend_weights(entry) -> tuple[float, float, float]:
 
 def blend_primary(fused: np.ndarray, text_head: np.ndarray, expert: np.ndarray | None, has_image: np.ndarray,
                   has_text: np.ndarray, blend: dict, text_expert: np.ndarray | None = None, *,
-                  log: bool = False) -> np.ndarray:
+                  log: bool = False, conditions: dict | None = None) -> np.ndarray:
     """Primary-head probabilities: fused · text_head^wt · expert^wi · text_expert^wx, renormalised.
 
     ``log``: the normalised log-probabilities instead. Weights up to 8 sharpen the product so far
@@ -248,11 +302,12 @@ def blend_primary(fused: np.ndarray, text_head: np.ndarray, expert: np.ndarray |
 
     ``blend`` maps a situation to ``[wt, wi]`` or ``[wt, wi, wx]``; text weights only apply
     where there is text and the image weight only where there is an image, so a missing
-    modality never votes.
+    modality never votes. ``conditions``: the products' text conditions (``text_conditions``);
+    None applies the situations' own weights to every product.
     """
     log_p = np.log(np.maximum(fused, _LOG_FLOOR))
-    for situation, rows in situation_masks(has_image, has_text).items():
-        text_weight, image_weight, text_expert_weight = blend_weights(blend.get(situation))
+    for situation, rows, (text_weight, image_weight, text_expert_weight) in blend_groups(blend, has_image, has_text,
+                                                                                         conditions):
         if situation != "image_only":
             if text_weight:
                 log_p[rows] += text_weight * np.log(np.maximum(text_head[rows], _LOG_FLOOR))
@@ -267,18 +322,20 @@ def blend_primary(fused: np.ndarray, text_head: np.ndarray, expert: np.ndarray |
 
 
 def choose_blend(mode_outputs: dict, expert: np.ndarray | None, has_image: np.ndarray, has_text: np.ndarray,
-                 truth: np.ndarray, text_expert: np.ndarray | None = None) -> tuple[dict, dict]:
+                 truth: np.ndarray, text_expert: np.ndarray | None = None,
+                 situations: tuple[str, ...] = BLEND_SITUATIONS) -> tuple[dict, dict]:
     """Blend weights per situation that maximise primary-head accuracy on (val) products.
 
     ``mode_outputs`` holds the head model's outputs on the same products with both modalities
     ("both"), the text removed ("image_only") and the image removed ("text_only"). Ties keep
     the smaller weights, so without a measurable gain the plain fused softmax is kept.
     Returns (blend: {situation: [wt, wi, wx]}, {situation: {"products", "fused", "blended"}}).
+    A product whose ``truth`` is negative takes no part (``situations``: the ones to choose).
     """
     blend, report = {}, {}
     aux_text = f"text_{PRIMARY_HEAD}"
     labelled = truth >= 0
-    for situation in BLEND_SITUATIONS:
+    for situation in situations:
         image = has_image if situation != "text_only" else np.zeros_like(has_image)
         text = has_text if situation != "image_only" else np.zeros_like(has_text)
         rows = (image & text if situation == "both" else image if situation == "image_only" else text) & labelled
@@ -297,6 +354,75 @@ def choose_blend(mode_outputs: dict, expert: np.ndarray | None, has_image: np.nd
         blend[situation] = list(best[2:])
         report[situation] = {"products": int(rows.sum()), "fused": scored[0][0], "blended": best[0]}
     return blend, report
+
+
+def choose_text_condition_blend(name: str, blend: dict, thresholds: dict, clean_outputs: dict, copy_outputs: dict,
+                                expert: np.ndarray | None, has_image: np.ndarray, has_text: np.ndarray,
+                                truth: np.ndarray, clean_tokens: np.ndarray, copy_tokens: np.ndarray,
+                                clean_text_expert: np.ndarray | None = None,
+                                copy_text_expert: np.ndarray | None = None) -> tuple[object, dict, dict]:
+    """Blend weights for texts in condition ``name``, and the condition's threshold.
+
+    Chosen on the (val) products twice over: as they are (``clean_*``) and with their texts changed
+    the way the condition describes (``copy_*``: typos, the title alone), from the head model's
+    outputs per situation, the text expert's and each text's word ids. ``blend`` and ``thresholds``
+    are the choices so far (earlier conditions take their texts first). For each of the condition's
+    thresholds the texts of both copies in the condition get weights of their own, chosen on them;
+    among the thresholds that leave the clean copy's accuracy no lower, the one with the best
+    accuracy on the changed copy wins, and none unless it beats ``blend``.
+    Returns (threshold or None, {"<situation>_<name>": weights}, report).
+    """
+    def pooled(clean, copy):
+        return np.concatenate([np.asarray(clean), np.asarray(copy)])
+
+    aux_text = f"text_{PRIMARY_HEAD}"
+    outputs = {situation: {head: pooled(clean_outputs[situation][head], copy_outputs[situation][head])
+                           for head in (PRIMARY_HEAD, aux_text)} for situation in TEXT_SITUATIONS}
+    expert = None if expert is None else pooled(expert, expert)
+    text_expert = None if clean_text_expert is None or copy_text_expert is None \
+        else pooled(clean_text_expert, copy_text_expert)
+    has_image, has_text, truth = pooled(has_image, has_image), pooled(has_text, has_text), pooled(truth, truth)
+    tokens = pooled(clean_tokens, copy_tokens)
+    copies = np.repeat(["clean", "changed"], len(clean_tokens))
+    earlier = text_conditions(tokens, thresholds)
+    free = ~np.any(list(earlier.values()), axis=0) if earlier else np.ones(len(tokens), dtype=bool)
+
+    def accuracies(candidate: dict, conditions: dict) -> dict:
+        """Primary-head accuracy per copy over its labelled products with text (as the situations blend them)."""
+        scored = {}
+        for situation in TEXT_SITUATIONS:
+            image = has_image if situation == "both" else np.zeros_like(has_image)
+            rows = (image & has_text if situation == "both" else has_text) & (truth >= 0)
+            probs = blend_primary(outputs[situation][PRIMARY_HEAD][rows], outputs[situation][aux_text][rows],
+                                  None if expert is None else expert[rows], image[rows], has_text[rows], candidate,
+                                  None if text_expert is None else text_expert[rows],
+                                  conditions={n: mask[rows] for n, mask in conditions.items()})
+            right = probs.argmax(axis=1) == truth[rows]
+            for copy in ("clean", "changed"):
+                scored[f"{situation}_{copy}"] = float(right[copies[rows] == copy].mean()) if right.size else 0.0
+        return scored
+
+    def changed_score(scored: dict) -> float:
+        return float(np.mean([scored[f"{situation}_changed"] for situation in TEXT_SITUATIONS]))
+
+    baseline = accuracies(blend, earlier)
+    best = (changed_score(baseline), None, {}, baseline)
+    for threshold in TEXT_CONDITION_THRESHOLDS[name]:
+        in_condition = text_condition(name, tokens, threshold) & free
+        chosen, _ = choose_blend(outputs, expert, has_image, has_text, np.where(in_condition, truth, -1), text_expert,
+                                 situations=TEXT_SITUATIONS)
+        weights = {f"{situation}_{name}": chosen[situation] for situation in TEXT_SITUATIONS}
+        scored = accuracies({**blend, **weights}, {**earlier, name: in_condition})
+        clean_kept = all(scored[f"{s}_clean"] >= baseline[f"{s}_clean"] for s in TEXT_SITUATIONS)
+        if clean_kept and changed_score(scored) > best[0]:
+            best = (changed_score(scored), threshold, weights, scored)
+    _, threshold, weights, scored = best
+    report = {"threshold": threshold, "before": baseline, "after": scored}
+    if threshold is not None:
+        in_condition = text_condition(name, tokens, threshold) & free
+        report.update(share_of_changed_copy=float(in_condition[copies == "changed"].mean()),
+                      share_of_clean_copy=float(in_condition[copies == "clean"].mean()))
+    return threshold, weights, report
 
 
 def compile_head_model(model: keras.Model, heads, learning_rate) -> None:

@@ -30,14 +30,14 @@ import pandas as pd
 import tensorflow as tf
 
 from fashion_tagging.artifacts import Tagger, save_artifact
-from fashion_tagging.augment import AugmentedView
-from fashion_tagging.catalog import load_kaggle_catalog, with_clean_labels
+from fashion_tagging.augment import AugmentedView, misspell
+from fashion_tagging.catalog import load_kaggle_catalog, product_text, with_clean_labels
 from fashion_tagging.images import photo_tensors
 from fashion_tagging.features import catalog_image_embeddings, photo_file_digests, tuned_embeddings
 from fashion_tagging.progress import ResidentMemorySampler, epoch_logger, peak_rss_mib
-from fashion_tagging.model import (AUXILIARY_HEADS, BLEND_SITUATIONS, MODES, OTHER_LABEL, LabelMap, TextEncoder,
-                                   build_head_model, capped, choose_blend, compile_head_model, modality_view,
-                                   model_inputs,
+from fashion_tagging.model import (AUXILIARY_HEADS, BLEND_SITUATIONS, MODES, OTHER_LABEL, TEXT_CONDITIONS,
+                                   TEXT_SITUATIONS, LabelMap, TextEncoder, build_head_model, capped, choose_blend,
+                                   choose_text_condition_blend, compile_head_model, modality_view, model_inputs,
                                    text_batches, texts_present)
 from fashion_tagging.settings import HEADS, IMAGE_EMBEDDING_DIM, PRIMARY_HEAD, Settings
 from fashion_tagging.text_expert import fit_text_expert, predict_text_expert
@@ -61,6 +61,10 @@ TOP_TUNE_WARMUP_LEARNING_RATE = 1e-3  # one epoch for the new heads while the bl
 # 0.8809 at a constant 3e-4 (0.8708 after 8; 0.8678 at 1e-4) and 0.8795 with weight averaging (EMA).
 TOP_TUNE_LEARNING_RATE = 5e-4
 TOP_TUNE_FINAL_LEARNING_RATE_FRACTION = 0.02
+# The val texts' noisy copies (text_condition_copy): each with typos in this share of its words, drawn per
+# product, from a generator of its own (the robustness benchmark perturbs test products with others).
+NOISY_TEXT_VAL_TYPO_SHARES = (0.1, 0.2, 0.33, 0.5)
+TEXT_CONDITION_VAL_SEED = 7919
 VAL_DECISION_PRODUCTS = 10_000  # see val_decision_sample (the real catalog's val split: 4,378 products)
 
 
@@ -529,7 +533,7 @@ def _fit_and_save(settings: Settings, note_memory, *, products, epochs, output_d
         note_memory("text_expert")
         blend, blend_report = choose_primary_blend(model, expert, text_expert, decision_rows, text,
                                                    decision_embeddings, val_head_labels[PRIMARY_HEAD][decided_on],
-                                                   settings.inference_batch_size)
+                                                   settings.inference_batch_size, settings.seed)
 
     version = new_version(settings.backbone)
     artifact_dir = Path(output_dir or settings.artifacts_dir) / version
@@ -557,6 +561,7 @@ def _fit_and_save(settings: Settings, note_memory, *, products, epochs, output_d
         "train_products": len(train_rows), "val_products": len(val_rows), "val_decision_products": len(decided_on),
         "best_val_article_type_accuracy": max(history_dict.get(monitor, [0.0])),
         "primary_blend": blend, "primary_blend_val": blend_report,
+        "text_condition_thresholds": blend_report.get("text_condition_thresholds") or {},
         "timings": timings, "created_at": dt.datetime.now(dt.UTC).isoformat(),
     }
     save_artifact(artifact_dir, model=model, text=text, label_maps=label_maps, config=config, history=history_dict,
@@ -602,8 +607,10 @@ def calibrate_chosen_model(artifact_dir: Path, settings: Settings, val_rows: pd.
 
 def choose_primary_blend(model: keras.Model, expert: keras.Model | None, text_expert: keras.Model | None,
                          rows: pd.DataFrame, text: TextEncoder, embeddings, truth: np.ndarray,
-                         batch_size: int) -> tuple[dict, dict]:
-    """Pick the hybrid-fusion blend on val: the head model in all three modality settings + both experts."""
+                         batch_size: int, seed: int = 0) -> tuple[dict, dict]:
+    """Pick the hybrid-fusion blend on val: the head model in all three modality settings + both experts,
+    then weights for texts in each text condition (``report["text_condition_thresholds"]``: each
+    condition's threshold, for the conditions whose weights did better on val)."""
     texts = rows["text"].fillna("").tolist()
     outputs = {}
     for situation, mode in zip(BLEND_SITUATIONS, MODES, strict=True):
@@ -618,7 +625,43 @@ def choose_primary_blend(model: keras.Model, expert: keras.Model | None, text_ex
     has_text = np.array([bool(t.strip()) for t in texts], dtype=bool)
     blend, report = choose_blend(outputs, expert_probs, embeddings.has_image, has_text, truth, text_expert_probs)
     log.info("hybrid-fusion blend chosen on val: %s (%s)", blend, report)
-    return blend, report
+
+    # Weights of their own for texts in a condition (model.TEXT_CONDITIONS), chosen on the same products
+    # with their texts changed into that condition.
+    tokens = text.encode(texts)
+    thresholds, conditions_report = {}, {}
+    for name in TEXT_CONDITIONS:
+        changed = text_condition_copy(name, rows, texts, np.random.default_rng([seed, TEXT_CONDITION_VAL_SEED]))
+        if changed is None:
+            continue
+        changed_tokens = text.encode(changed)
+        changed_outputs = {}
+        for situation, mode in zip(BLEND_SITUATIONS, MODES, strict=True):
+            if situation in TEXT_SITUATIONS:
+                vectors, has_image, _ = modality_view(mode, embeddings.vectors, embeddings.has_image, changed)
+                changed_outputs[situation] = model.predict(model_inputs(vectors, has_image, changed_tokens, has_text),
+                                                           batch_size=batch_size, verbose=0)
+        changed_expert = None if text_expert is None else predict_text_expert(text_expert, changed, batch_size)
+        threshold, weights, conditions_report[name] = choose_text_condition_blend(
+            name, blend, thresholds, outputs, changed_outputs, expert_probs, embeddings.has_image, has_text, truth,
+            tokens, changed_tokens, text_expert_probs, changed_expert)
+        if threshold is not None:
+            blend, thresholds[name] = {**blend, **weights}, threshold
+        log.info("%s blend chosen on val: threshold %s, %s (%s)", name, threshold, weights, conditions_report[name])
+    return blend, {**report, "text_conditions": conditions_report, "text_condition_thresholds": thresholds}
+
+
+def text_condition_copy(name: str, rows: pd.DataFrame, texts: list[str], rng: np.random.Generator) -> list[str] | None:
+    """The rows' texts changed into text condition ``name`` (None: the rows cannot show it)."""
+    if name == "noisy_text":
+        return [misspell(t, float(rng.choice(NOISY_TEXT_VAL_TYPO_SHARES)), rng) for t in texts]
+    if name == "short_text":
+        if "productDisplayName" not in rows.columns:
+            return None
+        # a product without a title keeps its text (the copy changes which texts exist in no other way)
+        return [product_text(title, None) or text for title, text in zip(rows["productDisplayName"].fillna(""), texts,
+                                                                        strict=True)]
+    raise ValueError(f"not a text condition: {name!r}")
 
 
 def _pixel_dataset(rows: pd.DataFrame, text: TextEncoder, label_maps: dict, *, size: int, batch_size: int,

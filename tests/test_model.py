@@ -112,6 +112,18 @@ def test_tiny_train_artifact_round_trip_and_missing_modalities(tiny_artifact, ka
     again = Tagger.load(tiny_artifact).predict([image], [title])
     assert np.allclose(again.confidences[PRIMARY_HEAD], preds.confidences[PRIMARY_HEAD][:1], atol=1e-5)
 
+    # A text in a text condition (here: at least half its words unknown) takes the condition's blend
+    # weights; the other texts keep their situation's, whatever the condition's weights are.
+    assert isinstance(json.loads((tiny_artifact / "config.json").read_text())["text_condition_thresholds"], dict)
+    garbled = "Trtule Chekc Mne Nvay Bleu Shrit"
+    base, conditioned = Tagger.load(tiny_artifact), Tagger.load(tiny_artifact)
+    base.config["text_condition_thresholds"] = {}
+    conditioned.config["text_condition_thresholds"] = {"noisy_text": 0.5}
+    conditioned.config["primary_blend"] = {**conditioned.config["primary_blend"], "both_noisy_text": [8.0, 0.0, 8.0]}
+    assert conditioned.config["primary_blend"]["both"] != [8.0, 0.0, 8.0]
+    plain, blended = (t.predict([image, image], [title, garbled]).confidences[PRIMARY_HEAD] for t in (base, conditioned))
+    assert np.isclose(plain[0], blended[0], atol=1e-6) and not np.isclose(plain[1], blended[1], atol=1e-3)
+
 
 def test_decode_image_rejects_corrupt_bytes_clearly():
     with pytest.raises(ImageDecodeError, match="cannot decode image"):
@@ -220,6 +232,66 @@ def test_hybrid_fusion_blend_is_picked_on_val_and_never_lets_a_missing_modality_
     # Blends saved before the text expert existed ([wt, wi]) still apply.
     old = blend_primary(noisy, confident, None, has_image, has_text, {"both": [1.0, 0.0]}, text_expert=confident)
     assert np.allclose(old, blend_primary(noisy, confident, None, has_image, has_text, {"both": [1.0, 0.0, 0.0]}))
+
+
+def test_texts_in_a_condition_get_weights_of_their_own_chosen_on_val_without_costing_clean_texts():
+    from fashion_tagging.model import (blend_primary, choose_blend, choose_text_condition_blend, text_conditions,
+                                       unknown_word_share)
+
+    # 1 is the unknown-word id, 0 padding: two of three words unknown; an empty text is all unknown.
+    tokens = np.array([[5, 1, 1, 0], [1, 0, 0, 0], [4, 6, 7, 0]])
+    assert np.allclose(unknown_word_share(tokens), [2 / 3, 1.0, 0.0])
+    # Conditions in precedence order: a noisy text is not also a short one.
+    masks = text_conditions(tokens, {"noisy_text": 0.5, "short_text": 3})
+    assert masks["noisy_text"].tolist() == [True, True, False] and masks["short_text"].tolist() == [False, False, True]
+    assert text_conditions(tokens, {}) == {} and text_conditions(tokens, None) == {}
+
+    rng = np.random.default_rng(1)
+    truth = rng.integers(0, 4, 200)
+    right = np.eye(4)[truth] * 0.9 + 0.025
+    unsure = 0.5 * rng.dirichlet(np.ones(4), 200) + 0.125
+    has_image, has_text = np.ones(200, bool), np.ones(200, bool)
+    # Clean texts: the head model is right and the text expert adds nothing. With typos (a third of the
+    # words unknown) the head model is lost while the text expert (character n-grams) is still right.
+    clean = {s: {PRIMARY_HEAD: right, f"text_{PRIMARY_HEAD}": right} for s in ("both", "image_only", "text_only")}
+    noisy = {s: {PRIMARY_HEAD: unsure, f"text_{PRIMARY_HEAD}": unsure} for s in ("both", "text_only")}
+    clean_tokens = np.tile([4, 5, 6, 7, 8, 9], (200, 1))
+    noisy_tokens = np.tile([4, 1, 6, 1, 8, 9], (200, 1))
+    blend, _ = choose_blend(clean, unsure, has_image, has_text, truth, unsure)
+    assert blend["both"] == [0.0, 0.0, 0.0]
+    threshold, weights, report = choose_text_condition_blend("noisy_text", blend, {}, clean, noisy, unsure, has_image,
+                                                             has_text, truth, clean_tokens, noisy_tokens, unsure, right)
+    assert threshold is not None and weights["both_noisy_text"][2] > 0 and weights["text_only_noisy_text"][2] > 0
+    assert report["after"]["both_changed"] == 1.0 > report["before"]["both_changed"]
+    assert report["after"]["both_clean"] == report["before"]["both_clean"] == 1.0
+    assert report["share_of_changed_copy"] == 1.0 and report["share_of_clean_copy"] == 0.0
+
+    # At inference only the texts in the condition take those weights; a blend without them ignores it.
+    full = {**blend, **weights}
+    conditions = {"noisy_text": np.arange(200) < 100}
+    probs = blend_primary(unsure, unsure, unsure, has_image, has_text, full, right, conditions=conditions)
+    assert (probs[:100].argmax(axis=1) == truth[:100]).all()
+    assert np.allclose(probs[100:], unsure[100:] / unsure[100:].sum(axis=1, keepdims=True))
+    assert np.allclose(blend_primary(unsure, unsure, unsure, has_image, has_text, blend, right, conditions=conditions),
+                       blend_primary(unsure, unsure, unsure, has_image, has_text, blend, right))
+
+    # A later condition leaves the earlier one's texts alone: short texts that are also noisy keep
+    # the noisy weights, and with every changed text taken nothing is left to gain.
+    threshold, weights, _ = choose_text_condition_blend("short_text", full, {"noisy_text": threshold}, clean, noisy,
+                                                        unsure, has_image, has_text, truth, clean_tokens, noisy_tokens,
+                                                        unsure, right)
+    assert threshold is None and weights == {}
+
+    # Weights that would cost clean texts are not taken: here the clean texts have as many unknown
+    # words as the noisy ones, the head model is only mildly sure of them (its text head not at all)
+    # and the text expert, sure and wrong, would outvote it at any weight.
+    mild, flat = np.eye(4)[truth] * 0.2 + 0.2, np.full((200, 4), 0.25)
+    mild_clean = {s: {PRIMARY_HEAD: mild, f"text_{PRIMARY_HEAD}": flat} for s in ("both", "image_only", "text_only")}
+    wrong = np.roll(np.eye(4)[truth] * 0.96 + 0.01, 1, axis=1)
+    blend, _ = choose_blend(mild_clean, None, has_image, has_text, truth, wrong)
+    threshold, weights, _ = choose_text_condition_blend("noisy_text", blend, {}, mild_clean, noisy, None, has_image,
+                                                        has_text, truth, noisy_tokens, noisy_tokens, wrong, right)
+    assert threshold is None and weights == {}
 
 
 def test_text_expert_learns_from_text_alone_and_survives_a_round_trip(tmp_path):

@@ -83,6 +83,14 @@ def run_with_deadline(function, seconds: float = DEADLINE_S):
     return outcome["value"]
 
 
+def wait_until(condition, seconds: float = DEADLINE_S / 2, every: float = 0.05) -> None:
+    """Poll ``condition`` until it holds; fail if it never does."""
+    deadline = time.perf_counter() + seconds
+    while not condition():
+        assert time.perf_counter() < deadline, f"not reached within {seconds}s"
+        time.sleep(every)
+
+
 class FaultServer:
     """A dedicated embedded PostgreSQL that a test may stop for real and start again on its port."""
 
@@ -170,7 +178,12 @@ def test_tag_batch_interrupted_by_the_database_resumes_and_writes_each_row_once(
     run = dict(settings=settings, run_id="night-1", engine=engine, store=store)
 
     if moment == "between_chunks":  # chunk 1 committed; the server goes before chunk 2 writes
-        tagger = SyntheticTagger(on_predict=lambda call: call == 2 and fault_server.stop(mode))
+        def stop_once_chunk_1_is_committed(call):  # chunk 1's write (its own thread) overlaps chunk 2's predict
+            if call == 2:
+                wait_until(lambda: repository.get_batch(engine, batch["batch_id"])["tagged"] == 10)
+                fault_server.stop(mode)
+
+        tagger = SyntheticTagger(on_predict=stop_once_chunk_1_is_committed)
         hook = contextlib.nullcontext()
     else:  # chunk 2's tags are COPYed, its stats counted; the server goes before its progress is recorded
         tagger = SyntheticTagger()

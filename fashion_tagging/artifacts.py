@@ -293,7 +293,9 @@ class Tagger:
         (``log``: as log-probabilities, see ``model.blend_primary``); ``tokens``: the texts' word
         ids, which put it in a text condition (see ``model.blend_groups``)."""
         blend = self.config["primary_blend"]
-        conditions = text_conditions(tokens, self.config.get("text_condition_thresholds"))
+        primary = self.primary_head
+        conditions = text_conditions(tokens, self.config.get("text_condition_thresholds"),
+                                     np.asarray(outputs[f"text_{primary}"]))
         # An expert whose weight is 0 in every situation is not run: tagging is the hot path.
         weights = [blend_weights(entry) for entry in blend.values()]
         image_weighted, text_weighted = (any(w[i] for w in weights) for i in (1, 2))
@@ -303,7 +305,6 @@ class Tagger:
         if self.text_expert is not None and text_weighted and has_text.any():
             text_expert = np.concatenate([np.asarray(self._compiled(self.text_expert)(texts_tensor(texts[i:i + batch_size])))
                                           for i in range(0, len(texts), batch_size)])
-        primary = self.primary_head
         return blend_primary(np.asarray(outputs[primary]), np.asarray(outputs[f"text_{primary}"]), expert,
                              has_image, has_text, blend, text_expert, log=log, conditions=conditions)
 

@@ -54,10 +54,20 @@ def clean_html(raw: str | None) -> str:
     return _SPACE_RE.sub(" ", text).strip()
 
 
+TEXT_SEPARATOR = " . "  # between a model text's title and description
+
+
 def product_text(title: str | None, description: str | None) -> str:
     """Model text: the title first (most informative, never truncated away), then the description."""
     parts = [p.strip() for p in (title or "", description or "") if isinstance(p, str) and p.strip()]
-    return " . ".join(parts)
+    return TEXT_SEPARATOR.join(parts)
+
+
+def description_in_text(text: str, title: str | None) -> str:
+    """The description part of a model text built from ``title`` (``product_text``); a text
+    without both parts comes back whole."""
+    head = product_text(title, None) + TEXT_SEPARATOR
+    return text[len(head):] if head != TEXT_SEPARATOR and text.startswith(head) else text
 
 
 SPLIT_SHARES = (("train", 0.8), ("val", 0.1), ("test", 0.1))

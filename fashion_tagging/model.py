@@ -232,14 +232,26 @@ def situation_masks(has_image: np.ndarray, has_text: np.ndarray) -> dict[str, np
     return {"both": has_image & has_text, "image_only": has_image & ~has_text, "text_only": ~has_image & has_text}
 
 
+def situation_view(situation: str, has_image: np.ndarray, has_text: np.ndarray, truth: np.ndarray):
+    """(has_image, has_text, rows) of products scored as ``situation`` when choosing a blend: the
+    modalities the situation keeps, and the labelled products that have them."""
+    image = has_image if situation != "text_only" else np.zeros_like(has_image)
+    text = has_text if situation != "image_only" else np.zeros_like(has_text)
+    present = image & text if situation == "both" else image if situation == "image_only" else text
+    return image, text, present & (truth >= 0)
+
+
 # Text conditions that get blend weights of their own, where training found weights that do better on
 # val for texts in that condition (see choose_text_condition_blend), in precedence order: a text with
 # many words unknown to the word vocabulary (typos, another shop's wording: the word LSTM reads an unknown
 # word as nothing, the text expert's character n-grams still read it), else a short text (a title
-# without its description). Each condition's threshold is chosen on val among these:
+# without its description), else a weak text: one the text head itself is unsure of (a description
+# without its title, a vague title), where the photo should count for more. Each condition's threshold
+# is chosen on val among these:
 TEXT_CONDITION_THRESHOLDS = {
     "noisy_text": (0.1, 0.15, 0.2, 0.3),  # share of the text's words unknown to the vocabulary, at least
     "short_text": (6, 10, 15, 25),  # words, at most
+    "weak_text": (0.5, 0.7, 0.8, 0.9),  # the text head's top probability, below
 }
 TEXT_CONDITIONS = tuple(TEXT_CONDITION_THRESHOLDS)
 TEXT_SITUATIONS = ("both", "text_only")  # the situations a text condition applies in
@@ -252,22 +264,25 @@ def unknown_word_share(tokens: np.ndarray) -> np.ndarray:
     return (tokens == UNKNOWN_TOKEN).sum(axis=1) / np.maximum((tokens > 0).sum(axis=1), 1)
 
 
-def text_condition(name: str, tokens: np.ndarray, threshold) -> np.ndarray:
-    """Whether each text (as word ids) is in condition ``name`` at ``threshold``."""
+def text_condition(name: str, tokens: np.ndarray, threshold, text_head: np.ndarray) -> np.ndarray:
+    """Whether each text (as word ids; ``text_head``: the primary head's text-only probabilities for
+    it) is in condition ``name`` at ``threshold``."""
     if name == "noisy_text":
         return unknown_word_share(tokens) >= threshold
     if name == "short_text":
         return (np.asarray(tokens) > 0).sum(axis=1) <= threshold
+    if name == "weak_text":
+        return np.asarray(text_head).max(axis=1) < threshold
     raise ValueError(f"not a text condition: {name!r}")
 
 
-def text_conditions(tokens: np.ndarray, thresholds: dict | None) -> dict[str, np.ndarray]:
+def text_conditions(tokens: np.ndarray, thresholds: dict | None, text_head: np.ndarray) -> dict[str, np.ndarray]:
     """{condition: mask} for the conditions ``thresholds`` (an artifact's choice) names, each mask
     without the texts an earlier condition took."""
     masks, taken = {}, np.zeros(len(tokens), dtype=bool)
     for name in TEXT_CONDITIONS:
         if (thresholds or {}).get(name) is not None:
-            masks[name] = text_condition(name, tokens, thresholds[name]) & ~taken
+            masks[name] = text_condition(name, tokens, thresholds[name], text_head) & ~taken
             taken |= masks[name]
     return masks
 
@@ -334,11 +349,8 @@ def choose_blend(mode_outputs: dict, expert: np.ndarray | None, has_image: np.nd
     """
     blend, report = {}, {}
     aux_text = f"text_{PRIMARY_HEAD}"
-    labelled = truth >= 0
     for situation in situations:
-        image = has_image if situation != "text_only" else np.zeros_like(has_image)
-        text = has_text if situation != "image_only" else np.zeros_like(has_text)
-        rows = (image & text if situation == "both" else image if situation == "image_only" else text) & labelled
+        image, text, rows = situation_view(situation, has_image, has_text, truth)
         outputs = mode_outputs[situation]
         text_grid = BLEND_GRID if situation != "image_only" else (0.0,)
         text_expert_grid = BLEND_GRID if situation != "image_only" and text_expert is not None else (0.0,)
@@ -364,7 +376,7 @@ def choose_text_condition_blend(name: str, blend: dict, thresholds: dict, clean_
     """Blend weights for texts in condition ``name``, and the condition's threshold.
 
     Chosen on the (val) products twice over: as they are (``clean_*``) and with their texts changed
-    the way the condition describes (``copy_*``: typos, the title alone), from the head model's
+    the way the condition describes (``copy_*``: typos, the title alone, the description alone), from the head model's
     outputs per situation, the text expert's and each text's word ids. ``blend`` and ``thresholds``
     are the choices so far (earlier conditions take their texts first). For each of the condition's
     thresholds the texts of both copies in the condition get weights of their own, chosen on them;
@@ -383,18 +395,18 @@ def choose_text_condition_blend(name: str, blend: dict, thresholds: dict, clean_
         else pooled(clean_text_expert, copy_text_expert)
     has_image, has_text, truth = pooled(has_image, has_image), pooled(has_text, has_text), pooled(truth, truth)
     tokens = pooled(clean_tokens, copy_tokens)
+    text_head = outputs[TEXT_SITUATIONS[0]][aux_text]  # the text head reads the text alone: any situation's
     copies = np.repeat(["clean", "changed"], len(clean_tokens))
-    earlier = text_conditions(tokens, thresholds)
+    earlier = text_conditions(tokens, thresholds, text_head)
     free = ~np.any(list(earlier.values()), axis=0) if earlier else np.ones(len(tokens), dtype=bool)
 
     def accuracies(candidate: dict, conditions: dict) -> dict:
         """Primary-head accuracy per copy over its labelled products with text (as the situations blend them)."""
         scored = {}
         for situation in TEXT_SITUATIONS:
-            image = has_image if situation == "both" else np.zeros_like(has_image)
-            rows = (image & has_text if situation == "both" else has_text) & (truth >= 0)
+            image, text, rows = situation_view(situation, has_image, has_text, truth)
             probs = blend_primary(outputs[situation][PRIMARY_HEAD][rows], outputs[situation][aux_text][rows],
-                                  None if expert is None else expert[rows], image[rows], has_text[rows], candidate,
+                                  None if expert is None else expert[rows], image[rows], text[rows], candidate,
                                   None if text_expert is None else text_expert[rows],
                                   conditions={n: mask[rows] for n, mask in conditions.items()})
             right = probs.argmax(axis=1) == truth[rows]
@@ -406,20 +418,19 @@ def choose_text_condition_blend(name: str, blend: dict, thresholds: dict, clean_
         return float(np.mean([scored[f"{situation}_changed"] for situation in TEXT_SITUATIONS]))
 
     baseline = accuracies(blend, earlier)
-    best = (changed_score(baseline), None, {}, baseline)
+    best = (changed_score(baseline), None, {}, baseline, None)
     for threshold in TEXT_CONDITION_THRESHOLDS[name]:
-        in_condition = text_condition(name, tokens, threshold) & free
+        in_condition = text_condition(name, tokens, threshold, text_head) & free
         chosen, _ = choose_blend(outputs, expert, has_image, has_text, np.where(in_condition, truth, -1), text_expert,
                                  situations=TEXT_SITUATIONS)
         weights = {f"{situation}_{name}": chosen[situation] for situation in TEXT_SITUATIONS}
         scored = accuracies({**blend, **weights}, {**earlier, name: in_condition})
         clean_kept = all(scored[f"{s}_clean"] >= baseline[f"{s}_clean"] for s in TEXT_SITUATIONS)
         if clean_kept and changed_score(scored) > best[0]:
-            best = (changed_score(scored), threshold, weights, scored)
-    _, threshold, weights, scored = best
+            best = (changed_score(scored), threshold, weights, scored, in_condition)
+    _, threshold, weights, scored, in_condition = best
     report = {"threshold": threshold, "before": baseline, "after": scored}
     if threshold is not None:
-        in_condition = text_condition(name, tokens, threshold) & free
         report.update(share_of_changed_copy=float(in_condition[copies == "changed"].mean()),
                       share_of_clean_copy=float(in_condition[copies == "clean"].mean()))
     return threshold, weights, report

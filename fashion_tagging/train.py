@@ -31,7 +31,7 @@ import tensorflow as tf
 
 from fashion_tagging.artifacts import Tagger, save_artifact
 from fashion_tagging.augment import AugmentedView, misspell
-from fashion_tagging.catalog import load_kaggle_catalog, product_text, with_clean_labels
+from fashion_tagging.catalog import description_in_text, load_kaggle_catalog, product_text, with_clean_labels
 from fashion_tagging.images import photo_tensors
 from fashion_tagging.features import catalog_image_embeddings, photo_file_digests, tuned_embeddings
 from fashion_tagging.progress import ResidentMemorySampler, epoch_logger, peak_rss_mib
@@ -612,11 +612,13 @@ def choose_primary_blend(model: keras.Model, expert: keras.Model | None, text_ex
     then weights for texts in each text condition (``report["text_condition_thresholds"]``: each
     condition's threshold, for the conditions whose weights did better on val)."""
     texts = rows["text"].fillna("").tolist()
+    tokens = text.encode(texts)  # encoded once: the situations that keep the text share it
     outputs = {}
     for situation, mode in zip(BLEND_SITUATIONS, MODES, strict=True):
         vectors, has_image, mode_texts = modality_view(mode, embeddings.vectors, embeddings.has_image, texts)
         has_text = np.array([bool(t.strip()) for t in mode_texts], dtype=bool)
-        outputs[situation] = model.predict(model_inputs(vectors, has_image, text.encode(mode_texts), has_text),
+        mode_tokens = tokens if mode_texts is texts else text.encode(mode_texts)
+        outputs[situation] = model.predict(model_inputs(vectors, has_image, mode_tokens, has_text),
                                            batch_size=batch_size, verbose=0)
     expert_probs = None
     if expert is not None:
@@ -628,7 +630,6 @@ def choose_primary_blend(model: keras.Model, expert: keras.Model | None, text_ex
 
     # Weights of their own for texts in a condition (model.TEXT_CONDITIONS), chosen on the same products
     # with their texts changed into that condition.
-    tokens = text.encode(texts)
     thresholds, conditions_report = {}, {}
     for name in TEXT_CONDITIONS:
         changed = text_condition_copy(name, rows, texts, np.random.default_rng([seed, TEXT_CONDITION_VAL_SEED]))
@@ -655,12 +656,14 @@ def text_condition_copy(name: str, rows: pd.DataFrame, texts: list[str], rng: np
     """The rows' texts changed into text condition ``name`` (None: the rows cannot show it)."""
     if name == "noisy_text":
         return [misspell(t, float(rng.choice(NOISY_TEXT_VAL_TYPO_SHARES)), rng) for t in texts]
-    if name == "short_text":
+    if name in ("short_text", "weak_text"):
         if "productDisplayName" not in rows.columns:
             return None
-        # a product without a title keeps its text (the copy changes which texts exist in no other way)
-        return [product_text(title, None) or text for title, text in zip(rows["productDisplayName"].fillna(""), texts,
-                                                                        strict=True)]
+        titles = rows["productDisplayName"].fillna("").tolist()
+        if name == "short_text":  # the title alone; a product without a title keeps its text
+            return [product_text(title, None) or text for title, text in zip(titles, texts, strict=True)]
+        # the description alone; a product without both keeps its text
+        return [description_in_text(text, title) for title, text in zip(titles, texts, strict=True)]
     raise ValueError(f"not a text condition: {name!r}")
 
 

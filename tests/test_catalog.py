@@ -1,6 +1,6 @@
 """The Kaggle-layout loader: real rows load, bad rows are reported with their reason."""
 
-from fashion_tagging.catalog import clean_html, load_kaggle_catalog, product_text, stable_splits
+from fashion_tagging.catalog import clean_html, description_in_text, load_kaggle_catalog, product_text, stable_splits
 from tests.fixtures_data import CORRUPT_IMAGE_ID, SLICE_PER_SPLIT
 
 
@@ -36,6 +36,10 @@ def test_clean_html_and_product_text():
     assert clean_html(None) == ""
     assert product_text("Nike Tee", "") == "Nike Tee"
     assert product_text("", "") == ""
+    # the description part of a model text: the title and its separator removed, else the text whole
+    assert description_in_text(product_text("Nike Tee", "Blue cotton tee"), "Nike Tee") == "Blue cotton tee"
+    assert description_in_text(product_text("Nike Tee", ""), "Nike Tee") == "Nike Tee"
+    assert description_in_text(product_text("", "Blue cotton tee"), "") == "Blue cotton tee"
 
 
 def test_a_catalog_without_split_csv_gets_a_stable_split(kaggle_slice_dir, tmp_path):

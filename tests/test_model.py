@@ -241,10 +241,14 @@ def test_texts_in_a_condition_get_weights_of_their_own_chosen_on_val_without_cos
     # 1 is the unknown-word id, 0 padding: two of three words unknown; an empty text is all unknown.
     tokens = np.array([[5, 1, 1, 0], [1, 0, 0, 0], [4, 6, 7, 0]])
     assert np.allclose(unknown_word_share(tokens), [2 / 3, 1.0, 0.0])
-    # Conditions in precedence order: a noisy text is not also a short one.
-    masks = text_conditions(tokens, {"noisy_text": 0.5, "short_text": 3})
+    # Conditions in precedence order: a noisy text is not also a short one, nor a weak one (a text its
+    # text head is unsure of: top probability below the threshold).
+    text_head = np.array([[0.9, 0.1], [0.6, 0.4], [0.55, 0.45]])
+    masks = text_conditions(tokens, {"noisy_text": 0.5, "short_text": 3}, text_head)
     assert masks["noisy_text"].tolist() == [True, True, False] and masks["short_text"].tolist() == [False, False, True]
-    assert text_conditions(tokens, {}) == {} and text_conditions(tokens, None) == {}
+    masks = text_conditions(tokens, {"noisy_text": 0.5, "weak_text": 0.7}, text_head)
+    assert masks["weak_text"].tolist() == [False, False, True]
+    assert text_conditions(tokens, {}, text_head) == {} and text_conditions(tokens, None, text_head) == {}
 
     rng = np.random.default_rng(1)
     truth = rng.integers(0, 4, 200)
@@ -274,6 +278,14 @@ def test_texts_in_a_condition_get_weights_of_their_own_chosen_on_val_without_cos
     assert np.allclose(probs[100:], unsure[100:] / unsure[100:].sum(axis=1, keepdims=True))
     assert np.allclose(blend_primary(unsure, unsure, unsure, has_image, has_text, blend, right, conditions=conditions),
                        blend_primary(unsure, unsure, unsure, has_image, has_text, blend, right))
+
+    # A weak text (the copy's words all known, its text head unsure, as with a description alone) gets
+    # weights of its own too; clean texts, whose text head is sure, keep theirs.
+    weak_threshold, weak, report = choose_text_condition_blend("weak_text", blend, {}, clean, noisy, unsure, has_image,
+                                                               has_text, truth, clean_tokens, clean_tokens, unsure, right)
+    assert weak_threshold is not None and weak["both_weak_text"][2] > 0
+    assert report["after"]["text_only_changed"] == 1.0 > report["before"]["text_only_changed"]
+    assert report["share_of_changed_copy"] == 1.0 and report["share_of_clean_copy"] == 0.0
 
     # A later condition leaves the earlier one's texts alone: short texts that are also noisy keep
     # the noisy weights, and with every changed text taken nothing is left to gain.

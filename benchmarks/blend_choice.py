@@ -27,13 +27,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fashion_tagging.artifacts import Tagger  # noqa: E402
+from fashion_tagging.artifacts import Tagger, write_config  # noqa: E402
 from fashion_tagging.catalog import load_kaggle_catalog  # noqa: E402
 from fashion_tagging.evaluate import split_embeddings  # noqa: E402
 from fashion_tagging.model import PRIMARY_HEAD  # noqa: E402
 from fashion_tagging.settings import get_settings  # noqa: E402
-from fashion_tagging.train import (calibrate_chosen_model, choose_primary_blend, training_split,  # noqa: E402
-                                   val_decision_sample)
+from fashion_tagging.train import (blend_config, calibrate_chosen_model, choose_primary_blend,  # noqa: E402
+                                   training_split, val_decision_sample)
 
 
 def main() -> None:
@@ -61,9 +61,8 @@ def main() -> None:
     if out.exists():
         shutil.rmtree(out)
     shutil.copytree(args.artifact, out)
-    config = {**tagger.config, "primary_blend": blend, "primary_blend_val": report,
-              "text_condition_thresholds": report.get("text_condition_thresholds") or {}}
-    (out / "config.json").write_text(json.dumps(config, indent=1))
+    config = {**tagger.config, **blend_config(blend, report)}
+    write_config(out, config)
     calibrate_chosen_model(out, settings, rows, embeddings, train_labels)
 
     result = {"artifact": str(args.artifact), "copy": str(out), "model_version": tagger.version,

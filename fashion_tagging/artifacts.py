@@ -76,8 +76,13 @@ def save_artifact(artifact_dir: Path, *, model: keras.Model, text: TextEncoder, 
         text_expert.save(artifact_dir / TEXT_EXPERT_FILE)
     (artifact_dir / "vocabulary.json").write_text(json.dumps(text.vocabulary))
     (artifact_dir / "labels.json").write_text(json.dumps({head: m.labels for head, m in label_maps.items()}, indent=1))
-    (artifact_dir / "config.json").write_text(json.dumps(config, indent=1))
+    write_config(artifact_dir, config)
     (artifact_dir / "history.json").write_text(json.dumps(history, indent=1))
+
+
+def write_config(artifact_dir: Path, config: dict) -> None:
+    """Write (or replace) an artifact's ``config.json``; ``read_config`` reads it."""
+    (Path(artifact_dir) / "config.json").write_text(json.dumps(config, indent=1))
 
 
 def write_file_atomically(target: Path, data: bytes) -> None:
@@ -294,8 +299,8 @@ class Tagger:
         ids, which put it in a text condition (see ``model.blend_groups``)."""
         blend = self.config["primary_blend"]
         primary = self.primary_head
-        conditions = text_conditions(tokens, self.config.get("text_condition_thresholds"),
-                                     np.asarray(outputs[f"text_{primary}"]))
+        fused, text_head = np.asarray(outputs[primary]), np.asarray(outputs[f"text_{primary}"])
+        conditions = text_conditions(tokens, self.config.get("text_condition_thresholds"), text_head)
         # An expert whose weight is 0 in every situation is not run: tagging is the hot path.
         weights = [blend_weights(entry) for entry in blend.values()]
         image_weighted, text_weighted = (any(w[i] for w in weights) for i in (1, 2))
@@ -305,8 +310,8 @@ class Tagger:
         if self.text_expert is not None and text_weighted and has_text.any():
             text_expert = np.concatenate([np.asarray(self._compiled(self.text_expert)(texts_tensor(texts[i:i + batch_size])))
                                           for i in range(0, len(texts), batch_size)])
-        return blend_primary(np.asarray(outputs[primary]), np.asarray(outputs[f"text_{primary}"]), expert,
-                             has_image, has_text, blend, text_expert, log=log, conditions=conditions)
+        return blend_primary(fused, text_head, expert, has_image, has_text, blend, text_expert, log=log,
+                             conditions=conditions)
 
     def predict_embeddings(self, embeddings: np.ndarray, has_image: np.ndarray, texts: Sequence[str], *,
                            batch_size: int = 256, top_k: int = 3, calibrated: bool = True,

@@ -560,8 +560,7 @@ def _fit_and_save(settings: Settings, note_memory, *, products, epochs, output_d
                          "drop_title_probability": DROP_TITLE_PROBABILITY},
         "train_products": len(train_rows), "val_products": len(val_rows), "val_decision_products": len(decided_on),
         "best_val_article_type_accuracy": max(history_dict.get(monitor, [0.0])),
-        "primary_blend": blend, "primary_blend_val": blend_report,
-        "text_condition_thresholds": blend_report.get("text_condition_thresholds") or {},
+        **blend_config(blend, blend_report),
         "timings": timings, "created_at": dt.datetime.now(dt.UTC).isoformat(),
     }
     save_artifact(artifact_dir, model=model, text=text, label_maps=label_maps, config=config, history=history_dict,
@@ -650,6 +649,12 @@ def choose_primary_blend(model: keras.Model, expert: keras.Model | None, text_ex
             blend, thresholds[name] = {**blend, **weights}, threshold
         log.info("%s blend chosen on val: threshold %s, %s (%s)", name, threshold, weights, conditions_report[name])
     return blend, {**report, "text_conditions": conditions_report, "text_condition_thresholds": thresholds}
+
+
+def blend_config(blend: dict, report: dict) -> dict:
+    """An artifact config's entries for a blend and report of ``choose_primary_blend``."""
+    return {"primary_blend": blend, "primary_blend_val": report,
+            "text_condition_thresholds": report.get("text_condition_thresholds") or {}}
 
 
 def text_condition_copy(name: str, rows: pd.DataFrame, texts: list[str], rng: np.random.Generator) -> list[str] | None:

@@ -32,6 +32,8 @@ from fashion_tagging.catalog import load_kaggle_catalog  # noqa: E402
 from fashion_tagging.evaluate import split_embeddings  # noqa: E402
 from fashion_tagging.model import PRIMARY_HEAD  # noqa: E402
 from fashion_tagging.settings import get_settings  # noqa: E402
+from fashion_tagging.spelling import correction_config, corrector_for  # noqa: E402
+from fashion_tagging.text_expert import text_expert_words  # noqa: E402
 from fashion_tagging.train import (blend_config, calibrate_chosen_model, choose_primary_blend,  # noqa: E402
                                    training_split, val_decision_sample)
 
@@ -40,6 +42,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--artifact", type=Path, required=True, help="a trained model artifact directory")
     parser.add_argument("--out", type=Path, required=True, help="where the copy with the new blend goes")
+    parser.add_argument("--spelling-distance", type=int, default=None,
+                        help="give the copy this spelling correction (settings.spelling_correction_distance; "
+                             "0: none) instead of the artifact's")
     args = parser.parse_args()
 
     started = time.perf_counter()
@@ -49,25 +54,31 @@ def main() -> None:
     val_rows = training_split(catalog, "val")
     del catalog
     tagger = Tagger.load(args.artifact, engine="keras")
+    spelling_config = {"spelling_correction": tagger.config.get("spelling_correction")}
+    if args.spelling_distance is not None:
+        spelling_config = {"spelling_correction": correction_config(args.spelling_distance)}
     seed = int(tagger.config.get("seed", settings.seed))
     decided_on = val_decision_sample(len(val_rows), seed)
     rows = val_rows.iloc[decided_on].reset_index(drop=True)
     embeddings = split_embeddings(tagger, args.artifact, rows, settings)
     truth = tagger.label_maps[PRIMARY_HEAD].encode(rows[PRIMARY_HEAD])
     blend, report = choose_primary_blend(tagger.model, tagger.image_expert, tagger.text_expert, rows, tagger.text,
-                                         embeddings, truth, settings.inference_batch_size, seed)
+                                         embeddings, truth, settings.inference_batch_size, seed,
+                                         spelling=corrector_for(spelling_config, tagger.text.vocabulary,
+                                                                text_expert_words(tagger.text_expert)))
 
     out = args.out / tagger.version
     if out.exists():
         shutil.rmtree(out)
     shutil.copytree(args.artifact, out)
-    config = {**tagger.config, **blend_config(blend, report)}
+    config = {**tagger.config, **blend_config(blend, report), **spelling_config}
     write_config(out, config)
     calibrate_chosen_model(out, settings, rows, embeddings, train_labels)
 
     result = {"artifact": str(args.artifact), "copy": str(out), "model_version": tagger.version,
               "val_decision_products": len(rows), "trained_blend": tagger.config.get("primary_blend"),
               "trained_text_condition_thresholds": tagger.config.get("text_condition_thresholds"),
+              "trained_spelling_correction": tagger.config.get("spelling_correction"), **spelling_config,
               "blend": blend, "text_condition_thresholds": config["text_condition_thresholds"],
               "text_conditions": report.get("text_conditions"), "seconds": round(time.perf_counter() - started, 1)}
     print(f"{'condition':<12} {'threshold':>9}  {'copy':<8} {'situation':<10} {'before':>7} {'after':>7}")

@@ -1,4 +1,4 @@
-"""Robustness: articleType accuracy on the ``test`` split under perturbed titles, descriptions and photos.
+"""Robustness: articleType accuracy on the ``test`` split (or ``val``) under perturbed titles, descriptions and photos.
 
 A shop's inputs are not this catalog's clean ones. Each perturbation family of
 ``fashion_tagging/augment.py`` is applied at several strengths, to the texts (photos clean) or
@@ -18,6 +18,8 @@ Prints a table and writes (replacing only this label's entry) ``benchmarks/resul
 ``--limit`` and ``--reference-limit`` (the reference's train/val products) are for development and
 are recorded, as is ``--families`` (only those families and clean, e.g. the text ones to compare two
 blends of one model in minutes); ``--engine keras`` scores with the Keras backbone (``evaluate``'s embeddings) instead.
+``--split val`` scores ``val`` instead, for choices made before the one final look at ``test``: it
+writes ``benchmarks/results/robustness_val.json`` and, with ``--no-reference``, skips the reference.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from fashion_tagging.images import ImageDecodeError, open_photo, read_photo_file
 from fashion_tagging.settings import IMAGE_EMBEDDING_DIM  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "robustness.json"
+RESULTS_BY_SPLIT = {"test": RESULTS, "val": ROOT / "benchmarks" / "results" / "robustness_val.json"}
 EMBED_BATCH = 64
 PREDICT_BATCH = 256
 REFERENCE_C = (0.3, 1.0, 3.0)  # val accuracy 0.9701 / 0.9751 / 0.9762 on this catalog (a first run's log)
@@ -291,13 +294,13 @@ def score_settings(tagger, rows, paths: list, usable: np.ndarray, reference, see
             texts, (vectors, has_image) = clean_texts, embed_setting(tagger, paths, usable, family, strength)
             scored, reused, clean_images = MODEL_SETTINGS, [], (vectors, has_image)
         scores = model_accuracies(tagger, vectors, has_image, texts, truth, labelled, scored)
-        if "tfidf_svm" not in reused:
+        if "tfidf_svm" not in reused and (reference is not None or reference_scores):
             key = setting_key(family, strength)
             scores["tfidf_svm"] = reference_scores[key] if reference_scores and key in reference_scores \
                 else reference_accuracy(reference, texts, truth, labelled)
         if clean is None:
             clean = scores
-        scores.update({name: clean[name] for name in reused})
+        scores.update({name: clean[name] for name in reused if name in clean})
         extra = {"same_as_clean": reused} if reused else {}
         extra.update(products_with_text=sum(bool(t.strip()) for t in texts), products_with_image=int(has_image.sum()),
                      seconds=round(time.perf_counter() - tick, 1))
@@ -315,7 +318,7 @@ def score_settings(tagger, rows, paths: list, usable: np.ndarray, reference, see
 def setting_entry(family: str, strength, perturbs, scores: dict, clean: dict, extra: dict) -> dict:
     """One setting's JSON entry: accuracies (rounded), each one's drop from clean in points
     (positive: worse), then ``extra`` (counts, timing)."""
-    names = (*MODEL_SETTINGS, "tfidf_svm")
+    names = [name for name in (*MODEL_SETTINGS, "tfidf_svm") if name in scores]
     return {"family": family, "strength": strength, "perturbs": perturbs,
             **{name: round(scores[name], 5) for name in names},
             **{f"drop_{name}_points": round(100 * (clean[name] - scores[name]), 3) for name in names},
@@ -343,51 +346,56 @@ def run_checks(settings: list[dict]) -> dict[str, bool]:
             mild.append(passed)
     if len(mild) == len(MILD_IMAGE_SETTINGS):
         checks[f"mild_image_perturbations_image_only_drop_le_{MILD_IMAGE_MAX_DROP:g}_points"] = all(mild)
+    if any("tfidf_svm" not in s for s in settings):  # scored without the reference
+        return checks
     checks["fused_beats_tfidf_everywhere"] = all(s["fused"] > s["tfidf_svm"] for s in settings)
     checks["text_only_beats_tfidf_where_text"] = all(s["text_only"] > s["tfidf_svm"] for s in settings
                                                      if s["perturbs"] != "image")
     return checks
 
 
-def read_results() -> dict:
-    if RESULTS.is_file():
+def read_results(path: Path = RESULTS) -> dict:
+    if path.is_file():
         try:
-            return json.loads(RESULTS.read_text())
+            return json.loads(path.read_text())
         except json.JSONDecodeError:
-            print(f"warning: {RESULTS} is not JSON; starting it afresh", file=sys.stderr)
+            print(f"warning: {path} is not JSON; starting it afresh", file=sys.stderr)
     return {}
 
 
-def write_run(label: str, run: dict, reference: dict) -> None:
+def write_run(label: str, run: dict, reference: dict | None, path: Path = RESULTS) -> None:
     """Replace ``label``'s entry in the results file (the other labels kept) and the reference's
-    figures, atomically."""
-    existing = read_results()
-    existing["reference"] = reference
+    figures (unless None), atomically."""
+    existing = read_results(path)
+    if reference is not None:
+        existing["reference"] = reference
     runs = dict(existing.get("runs") or {})
     runs[label] = run
     from fashion_tagging.artifacts import write_file_atomically
 
-    write_file_atomically(RESULTS, (json.dumps({**existing, "runs": runs}, indent=1) + "\n").encode())
+    write_file_atomically(path, (json.dumps({**existing, "runs": runs}, indent=1) + "\n").encode())
 
 
 def print_table(label: str, run: dict) -> None:
     """The run's settings as a Markdown table, then its checks."""
     limited = "" if run["limit"] is None else f", --limit {run['limit']}"
     print(f"\n{label}: model {run['model_version']} ({run['image_size']}px, {run['engine']}), seed {run['seed']}, "
-          f"{run['labelled_products']} labelled test products ({run['products_with_image']} with a photo, "
+          f"{run['labelled_products']} labelled {run['split']} products ({run['products_with_image']} with a photo, "
           f"{run['products_with_text']} with a text){limited}\n")
-    print("| family | strength | fused | text only | image only | TF-IDF SVM | Δ fused | Δ text only | Δ image only "
-          "| Δ TF-IDF |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    names = [name for name in (*MODEL_SETTINGS, "tfidf_svm") if name in run["settings"][0]]
+    titles = {"fused": "fused", "text_only": "text only", "image_only": "image only", "tfidf_svm": "TF-IDF SVM"}
+    print(f"| family | strength | {' | '.join(titles[n] for n in names)} | {' | '.join('Δ ' + titles[n] for n in names)} |")
+    print("| --- | --- |" + " --- |" * (2 * len(names)))
     for s in run["settings"]:
         reused = set(s.get("same_as_clean", ()))
-        cells = [f"{s[name]:.4f}{'*' if name in reused else ''}" for name in (*MODEL_SETTINGS, "tfidf_svm")]
-        drops = [f"{s[f'drop_{name}_points']:+.2f}" for name in (*MODEL_SETTINGS, "tfidf_svm")]
+        cells = [f"{s[name]:.4f}{'*' if name in reused else ''}" for name in names]
+        drops = [f"{s[f'drop_{name}_points']:+.2f}" for name in names]
         strength = "" if s["strength"] is None else s["strength"]
         print(f"| {s['family']} | {strength} | {' | '.join(cells)} | {' | '.join(drops)} |")
     print("\nΔ: drop from clean in points (positive: worse). *: input unchanged by the family, the clean figure.")
     reference = run["reference"]
-    print(f"TF-IDF SVM: C={reference['C']} (val {reference['val_accuracy_per_C']}), fit {reference['fit_seconds']} s")
+    if reference is not None:
+        print(f"TF-IDF SVM: C={reference['C']} (val {reference['val_accuracy_per_C']}), fit {reference['fit_seconds']} s")
     print("\nchecks:")
     for name, passed in run["checks"].items():
         print(f"  {'PASS' if passed else 'FAIL'}  {name}")
@@ -414,6 +422,9 @@ def main() -> int:
     parser.add_argument("--families", nargs="+", choices=[f for f, _, _ in FAMILIES if f != "clean"],
                         help="score only these families (and clean); recorded, and the checks of the others are "
                              "left out (default: all)")
+    parser.add_argument("--split", choices=tuple(RESULTS_BY_SPLIT), default="test",
+                        help="the split scored (val: for choices; its own results file)")
+    parser.add_argument("--no-reference", action="store_true", help="skip the TF-IDF reference (minutes saved)")
     parser.add_argument("--engine", choices=ENGINE_CHOICES, default="auto", help="where the backbone runs")
     parser.add_argument("--quantization", choices=(FLOAT32, INT8),
                         help="LiteRT export to run (default: the one training shipped)")
@@ -428,22 +439,25 @@ def main() -> int:
     settings = get_settings()
     tagger = Tagger.load(args.artifact, engine=args.engine, quantization=args.quantization)
     products = load_kaggle_catalog(settings.data_dir).products
-    rows = with_clean_labels(products[products["split"] == "test"].reset_index(drop=True), tagger.heads)
+    rows = with_clean_labels(products[products["split"] == args.split].reset_index(drop=True), tagger.heads)
     if args.limit is not None:
         rows = rows.iloc[:args.limit].reset_index(drop=True)
     labelled = rows[tagger.primary_head].to_numpy(dtype=object) != ""
     paths = rows["image_path"].tolist()
-    print(f"model {tagger.version} on {len(rows)} test products ({int(labelled.sum())} labelled), "
+    print(f"model {tagger.version} on {len(rows)} {args.split} products ({int(labelled.sum())} labelled), "
           f"engine {tagger.engine}", flush=True)
 
     # The reference depends on the perturbed texts only: an earlier run's figures on the same
     # inputs are reused rather than refitted (minutes per C).
     inputs_key = {"seed": args.seed, "limit": args.limit, "reference_limit": args.reference_limit,
                   "reference_c": args.reference_c}
-    saved = read_results().get("reference") or {}
-    reference, reference_scores = None, None
+    results_path = RESULTS_BY_SPLIT[args.split]
+    saved = read_results(results_path).get("reference") or {}
+    reference, reference_scores, reference_info = None, None, None
     every_setting = {setting_key(family, strength) for family, _, strengths in FAMILIES for strength in strengths}
-    if saved.get("inputs") == inputs_key and every_setting <= set(saved.get("scores") or ()):
+    if args.no_reference:
+        print("TF-IDF reference: skipped (--no-reference)", flush=True)
+    elif saved.get("inputs") == inputs_key and every_setting <= set(saved.get("scores") or ()):
         reference_info, reference_scores = saved["info"], saved["scores"]
         print("TF-IDF reference: figures of an earlier run on the same inputs", flush=True)
     elif args.reference_model and args.reference_model.is_file():
@@ -464,7 +478,7 @@ def main() -> int:
 
     run = {
         "model_version": tagger.version, "artifact": str(args.artifact.resolve()), "image_size": tagger.image_size,
-        "seed": args.seed, "limit": args.limit, "families": args.families or "all",
+        "split": args.split, "seed": args.seed, "limit": args.limit, "families": args.families or "all",
         "products": len(rows), "labelled_products": int(labelled.sum()),
         "products_with_image": int(len(usable)), "photo_decode_failures": decode_failures,
         "products_with_text": results[0]["products_with_text"],
@@ -472,7 +486,7 @@ def main() -> int:
         "quantization": (args.quantization or serving_quantization(tagger.artifact_dir))
         if tagger.engine == "litert" else None,
         "cpu_count": os.cpu_count(), "seconds": round(time.perf_counter() - started, 1),
-        "notes": "Accuracy over every labelled test product in each setting (a product without a photo or "
+        "notes": "Accuracy over every labelled product of the split in each setting (a product without a photo or "
                  "text is still scored). same_as_clean: figures whose inputs the family leaves unchanged "
                  "(image only under text families, text only and the TF-IDF SVM under image families), "
                  "copied from clean. The TF-IDF SVM counts a product without text as wrong.",
@@ -480,12 +494,13 @@ def main() -> int:
         "reference": reference_info,
     }
     run["checks"] = run_checks(results)
-    reference_entry = {"inputs": inputs_key, "info": reference_info,
-                       "scores": {**(reference_scores or {}),
-                                  **{setting_key(r["family"], r["strength"]): r["tfidf_svm"] for r in results}}}
-    write_run(args.label, run, reference_entry)
+    reference_entry = None if args.no_reference else {
+        "inputs": inputs_key, "info": reference_info,
+        "scores": {**(reference_scores or {}),
+                   **{setting_key(r["family"], r["strength"]): r["tfidf_svm"] for r in results}}}
+    write_run(args.label, run, reference_entry, results_path)
     print_table(args.label, run)
-    print(f"\n{run['seconds']:.0f} s; wrote {RESULTS} (runs: {args.label!r})")
+    print(f"\n{run['seconds']:.0f} s; wrote {results_path} (runs: {args.label!r})")
     return 0
 
 

@@ -31,7 +31,8 @@ from fashion_tagging.model import (LabelMap, TextEncoder, blend_primary, blend_w
                                    text_conditions)
 from fashion_tagging.objectstore import local_path, open_uri
 from fashion_tagging.settings import IMAGE_EMBEDDING_DIM, PRIMARY_HEAD, Settings
-from fashion_tagging.text_expert import texts_tensor
+from fashion_tagging.spelling import corrector_for
+from fashion_tagging.text_expert import text_expert_words, texts_tensor
 
 log = logging.getLogger(__name__)
 FINE_TUNED_BACKBONE_FILE = "backbone.weights.h5"
@@ -76,13 +77,14 @@ def save_artifact(artifact_dir: Path, *, model: keras.Model, text: TextEncoder, 
         text_expert.save(artifact_dir / TEXT_EXPERT_FILE)
     (artifact_dir / "vocabulary.json").write_text(json.dumps(text.vocabulary))
     (artifact_dir / "labels.json").write_text(json.dumps({head: m.labels for head, m in label_maps.items()}, indent=1))
-    write_config(artifact_dir, config)
     (artifact_dir / "history.json").write_text(json.dumps(history, indent=1))
+    write_config(artifact_dir, config)
 
 
 def write_config(artifact_dir: Path, config: dict) -> None:
-    """Write (or replace) an artifact's ``config.json``; ``read_config`` reads it."""
-    (Path(artifact_dir) / "config.json").write_text(json.dumps(config, indent=1))
+    """Write (or replace, atomically: its presence marks a complete artifact) an artifact's
+    ``config.json``; ``read_config`` reads it."""
+    write_file_atomically(Path(artifact_dir) / "config.json", json.dumps(config, indent=1).encode())
 
 
 def write_file_atomically(target: Path, data: bytes) -> None:
@@ -192,6 +194,8 @@ class Tagger:
         text_expert_path = self.artifact_dir / TEXT_EXPERT_FILE
         self.text_expert = keras.saving.load_model(text_expert_path, compile=False) \
             if text_expert_path.is_file() else None
+        # Unknown words mapped to the vocabulary word they were meant to be, where training asked for it.
+        self.spelling = corrector_for(config, text.vocabulary, text_expert_words(self.text_expert))
 
     @classmethod
     def load(cls, artifact_dir: str | Path, *, engine: str = "auto", quantization: str | None = None) -> "Tagger":
@@ -325,6 +329,8 @@ class Tagger:
         would lose, see ``model.blend_primary``).
         """
         texts = [t if isinstance(t, str) else "" for t in texts]
+        if self.spelling is not None:
+            texts = self.spelling.correct_all(texts)
         has_text = np.array([bool(t.strip()) for t in texts], dtype=bool)
         embeddings = embeddings * has_image[:, None]
         inputs = model_inputs(embeddings, has_image, self.text.encode(texts), has_text)

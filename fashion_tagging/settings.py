@@ -125,6 +125,11 @@ class Settings(BaseSettings):
     augmented_views: int = Field(
         1, ge=0, le=4, description="Augmented views per training photo (rotated, cropped, recoloured, recompressed), "
         "embedded once and cached; training samples among them and the photo. 0 = no image augmentation.")
+    # Words the model's vocabulary does not know are read as the vocabulary word within this many
+    # edits (spelling.py): a typo no longer makes a word unknown. Written into the artifact's config.
+    spelling_correction_distance: int = Field(
+        1, ge=0, le=2, description="Edits (Damerau) within which an unknown word is corrected to a vocabulary word "
+        "before tagging; 0 = no correction.")
     # A class needs this many training products to get its own output; rarer ones are merged
     # into "Other" (per head) so the model never emits a label it could not learn.
     min_class_count: int = Field(

@@ -236,6 +236,13 @@ def training_batches(rows: TrainingRows, labels: np.ndarray, *, batch_size: int,
     return tf.data.Dataset.from_generator(batches, output_signature=signature).prefetch(2)
 
 
+def text_expert_words(expert: keras.Model | None) -> list[str]:
+    """The single words of a text expert's TF-IDF vocabulary (its word pairs left out)."""
+    if expert is None:
+        return []
+    return [w for w in expert.get_layer("text_expert_tfidf").get_vocabulary() if w and " " not in w]
+
+
 def fit_text_expert(texts, labels: np.ndarray, num_classes: int, *, seed: int,
                     progress: bool = False, scratch_dir: Path | None = None,
                     max_batches: int | None = None) -> keras.Model | None:

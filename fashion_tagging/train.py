@@ -40,7 +40,8 @@ from fashion_tagging.model import (AUXILIARY_HEADS, BLEND_SITUATIONS, MODES, OTH
                                    choose_text_condition_blend, compile_head_model, modality_view, model_inputs,
                                    text_batches, texts_present)
 from fashion_tagging.settings import HEADS, IMAGE_EMBEDDING_DIM, PRIMARY_HEAD, Settings
-from fashion_tagging.text_expert import fit_text_expert, predict_text_expert
+from fashion_tagging.spelling import SpellingCorrector, correction_config, corrector_for
+from fashion_tagging.text_expert import fit_text_expert, predict_text_expert, text_expert_words
 
 log = logging.getLogger(__name__)
 DROP_IMAGE_PROBABILITY = 0.25
@@ -520,6 +521,7 @@ def _fit_and_save(settings: Settings, note_memory, *, products, epochs, output_d
     note_memory("fused_model")
 
     blend, blend_report, text_expert, text_expert_seconds = {}, {}, None, 0.0
+    spelling_config = {"spelling_correction": correction_config(settings.spelling_correction_distance)}
     decided_on = val_decision_sample(len(val_rows), settings.seed)
     decision_rows = val_rows.iloc[decided_on].reset_index(drop=True)
     decision_embeddings = val_embeddings.rows(decided_on)
@@ -533,7 +535,9 @@ def _fit_and_save(settings: Settings, note_memory, *, products, epochs, output_d
         note_memory("text_expert")
         blend, blend_report = choose_primary_blend(model, expert, text_expert, decision_rows, text,
                                                    decision_embeddings, val_head_labels[PRIMARY_HEAD][decided_on],
-                                                   settings.inference_batch_size, settings.seed)
+                                                   settings.inference_batch_size, settings.seed,
+                                                   spelling=corrector_for(spelling_config, text.vocabulary,
+                                                                          text_expert_words(text_expert)))
 
     version = new_version(settings.backbone)
     artifact_dir = Path(output_dir or settings.artifacts_dir) / version
@@ -560,7 +564,7 @@ def _fit_and_save(settings: Settings, note_memory, *, products, epochs, output_d
                          "drop_title_probability": DROP_TITLE_PROBABILITY},
         "train_products": len(train_rows), "val_products": len(val_rows), "val_decision_products": len(decided_on),
         "best_val_article_type_accuracy": max(history_dict.get(monitor, [0.0])),
-        **blend_config(blend, blend_report),
+        **blend_config(blend, blend_report), **spelling_config,
         "timings": timings, "created_at": dt.datetime.now(dt.UTC).isoformat(),
     }
     save_artifact(artifact_dir, model=model, text=text, label_maps=label_maps, config=config, history=history_dict,
@@ -606,11 +610,15 @@ def calibrate_chosen_model(artifact_dir: Path, settings: Settings, val_rows: pd.
 
 def choose_primary_blend(model: keras.Model, expert: keras.Model | None, text_expert: keras.Model | None,
                          rows: pd.DataFrame, text: TextEncoder, embeddings, truth: np.ndarray,
-                         batch_size: int, seed: int = 0) -> tuple[dict, dict]:
+                         batch_size: int, seed: int = 0, spelling: SpellingCorrector | None = None,
+                         ) -> tuple[dict, dict]:
     """Pick the hybrid-fusion blend on val: the head model in all three modality settings + both experts,
     then weights for texts in each text condition (``report["text_condition_thresholds"]``: each
-    condition's threshold, for the conditions whose weights did better on val)."""
-    texts = rows["text"].fillna("").tolist()
+    condition's threshold, for the conditions whose weights did better on val). ``spelling``: the
+    artifact's corrector, applied to every text as the tagger applies it."""
+    raw_texts = rows["text"].fillna("").tolist()
+    correct = spelling.correct_all if spelling is not None else list
+    texts = correct(raw_texts)
     tokens = text.encode(texts)  # encoded once: the situations that keep the text share it
     outputs = {}
     for situation, mode in zip(BLEND_SITUATIONS, MODES, strict=True):
@@ -631,9 +639,10 @@ def choose_primary_blend(model: keras.Model, expert: keras.Model | None, text_ex
     # with their texts changed into that condition.
     thresholds, conditions_report = {}, {}
     for name in TEXT_CONDITIONS:
-        changed = text_condition_copy(name, rows, texts, np.random.default_rng([seed, TEXT_CONDITION_VAL_SEED]))
+        changed = text_condition_copy(name, rows, raw_texts, np.random.default_rng([seed, TEXT_CONDITION_VAL_SEED]))
         if changed is None:
             continue
+        changed = correct(changed)
         changed_tokens = text.encode(changed)
         changed_outputs = {}
         for situation, mode in zip(BLEND_SITUATIONS, MODES, strict=True):
